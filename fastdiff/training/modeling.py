@@ -1,0 +1,188 @@
+"""Building the denoiser, its conditioning and the alignment from a :class:`~fastdiff.training.config.Config`.
+
+Any diffusers UNet or transformer can be trained; how class labels reach it depends on the model:
+
+* ``class_tokens``: a learned token sequence per class (``fastdiff.models.digits.ClassEmbedder``) fed as
+  ``encoder_hidden_states`` to cross-attention (PixArt, the embedded digits model, ``UNet2DConditionModel``).
+* ``class_labels``: the model's own class embedding (``DiTTransformer2DModel``, ``UNet2DModel`` with
+  ``num_class_embeds``); DiT also applies its own label dropout.
+* ``none``: unconditional (``UNet2DModel``).
+
+Everything trainable lives in one :class:`TrainModule`, so DDP / FSDP (through accelerate) wrap a single
+module and the alignment losses are computed inside its ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.training.config import Config
+from fastdiff.training.haste import StageWiseTermination, TeacherAlignment
+from fastdiff.training.repa import REPA, TeacherOutput
+
+CONDITIONINGS = ("auto", "class_tokens", "class_labels", "none")
+_CROSS_ATTENTION_MODELS = ("PixArtTransformer2DModel", "UNet2DConditionModel")
+_CLASS_LABEL_MODELS = ("DiTTransformer2DModel",)
+SUPPORTED_MODELS = (*_CROSS_ATTENTION_MODELS, *_CLASS_LABEL_MODELS, "UNet2DModel")
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The diffusers denoiser (randomly initialised from a config with seed ``cfg.seed``, or pretrained)."""
+    import diffusers
+
+    m = cfg.model
+    if m.preset is not None:
+        if m.preset != "digits":
+            raise ValueError(f"model.preset must be 'digits' or null, got {m.preset!r}")
+        from fastdiff.models.digits import DIGITS_TRANSFORMER_CONFIG
+
+        class_name, config = "PixArtTransformer2DModel", {**DIGITS_TRANSFORMER_CONFIG, **m.config}
+    else:
+        class_name, config = m.class_name, dict(m.config)
+    model_cls = getattr(diffusers, class_name or "", None)
+    if class_name not in SUPPORTED_MODELS or model_cls is None:
+        raise ValueError(f"model.class_name must be one of {SUPPORTED_MODELS} (or use model.preset: digits), "
+                         f"got {class_name!r}")
+    if m.pretrained is not None:
+        return model_cls.from_pretrained(m.pretrained, subfolder=m.subfolder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return model_cls(**config)
+
+
+def resolve_conditioning(model: nn.Module, conditioning: str) -> str:
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"model.conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+    if conditioning != "auto":
+        return conditioning
+    name = type(model).__name__
+    if name in _CROSS_ATTENTION_MODELS:
+        return "class_tokens"
+    if name in _CLASS_LABEL_MODELS or getattr(model.config, "num_class_embeds", None):
+        return "class_labels"
+    return "none"
+
+
+def build_class_embedder(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    from fastdiff.models.digits import DIGITS_CLASS_EMBEDDER_CONFIG, ClassEmbedder
+
+    width = getattr(model.config, "caption_channels", None) or model.config.cross_attention_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return ClassEmbedder(num_classes=num_classes, num_tokens=DIGITS_CLASS_EMBEDDER_CONFIG["num_tokens"],
+                             embed_dim=int(width))
+
+
+def build_scheduler(cfg: Config):
+    """The diffusers noise scheduler of the training process."""
+    import diffusers
+
+    s = cfg.scheduler
+    scheduler_cls = getattr(diffusers, s.class_name, None)
+    if scheduler_cls is None or not s.class_name.endswith("Scheduler"):
+        raise ValueError(f"scheduler.class_name must name a diffusers scheduler, got {s.class_name!r}")
+    if s.pretrained is not None:
+        return scheduler_cls.from_pretrained(s.pretrained, subfolder="scheduler")
+    base = {}
+    if cfg.model.preset == "digits" and "FlowMatch" not in s.class_name:
+        from fastdiff.models.digits import DIGITS_SCHEDULER_CONFIG
+
+        base = dict(DIGITS_SCHEDULER_CONFIG)
+    return scheduler_cls(**{**base, **s.config})
+
+
+def patch_tokens(model: nn.Module, sample_size: int) -> int:
+    """Number of patch tokens a patchifying transformer makes from a ``sample_size`` square input."""
+    patch = getattr(model.config, "patch_size", None)
+    if not patch:
+        raise ValueError(f"REPA/HASTE need a patchifying transformer; {type(model).__name__} has no patch_size")
+    return (sample_size // patch) ** 2
+
+
+def hidden_width(model: nn.Module) -> int:
+    c = model.config
+    if getattr(c, "num_attention_heads", None) and getattr(c, "attention_head_dim", None):
+        return int(c.num_attention_heads * c.attention_head_dim)
+    raise ValueError(f"cannot infer the hidden width of {type(model).__name__} (no num_attention_heads / "
+                     "attention_head_dim in its config)")
+
+
+def load_teacher(name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """``digits_vit`` (shipped), a directory with a ``DigitsViT``, or ``dinov2:<hub id or path>``."""
+    from fastdiff.training.teachers import load_digits_teacher, load_dinov2_teacher
+
+    if name == "digits_vit":
+        return load_digits_teacher(device=device)
+    if name.startswith("dinov2:"):
+        return load_dinov2_teacher(name.split(":", 1)[1], output_attentions=True, device=device)
+    return load_digits_teacher(name, device=device)
+
+
+def build_alignment(cfg: Config, model: nn.Module, device: torch.device | str = "cpu") -> TeacherAlignment | None:
+    """REPA (``align.repa``) or HASTE (``align.haste``) for ``model``, or ``None``."""
+    a = cfg.align
+    if not (a.repa or a.haste):
+        return None
+    teacher = load_teacher(a.teacher, device)
+    teacher_dim = getattr(teacher, "embed_dim", None)
+    if teacher_dim is None:
+        raise ValueError("the teacher must expose its token width as `embed_dim`")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        repa = REPA(hidden_width(model), int(teacher_dim), a.repa_block, a.projector_dim, a.repa_weight)
+    pairs, termination = (), None
+    if a.haste:  # plain REPA aligns for the whole run; stop_step / grad_angle_deg are HASTE's
+        pairs = [tuple(p) for p in a.attn_pairs]
+        termination = StageWiseTermination(a.stop_step, a.grad_angle_deg, check_every=a.grad_angle_every)
+    alignment = TeacherAlignment(teacher, repa, pairs, a.attn_weight, termination, a.backend, a.token_matching)
+    alignment.check(model)
+    return alignment
+
+
+class TrainModule(nn.Module):
+    """Denoiser + class embedder + alignment projector: the one module an accelerator prepares.
+
+    ``forward(noisy, timesteps, labels, target)`` returns ``(prediction, aux_losses)``; ``target`` (a
+    :class:`TeacherOutput`) switches the alignment capture on for this call.
+    """
+
+    def __init__(self, model: nn.Module, conditioning: str, class_embedder: nn.Module | None = None,
+                 alignment: TeacherAlignment | None = None) -> None:
+        super().__init__()
+        self.model, self.conditioning = model, conditioning
+        self.class_embedder, self.alignment = class_embedder, alignment
+
+    def condition(self, labels: Tensor) -> dict:
+        if self.conditioning == "class_tokens":
+            return {"encoder_hidden_states": self.class_embedder(labels)}
+        if self.conditioning == "class_labels":
+            return {"class_labels": labels}
+        return {}
+
+    def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+        out = self.model(noisy, timestep=timesteps, **self.condition(labels), return_dict=False)[0]
+        channels = noisy.shape[1]
+        return out[:, :channels] if out.shape[1] == 2 * channels else out  # drop learned variance
+
+    def forward(self, noisy: Tensor, timesteps: Tensor, labels: Tensor,
+                target: TeacherOutput | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if target is None or self.alignment is None:
+            return self.denoise(noisy, timesteps, labels), {}
+        with self.alignment.capture(self.model, target):
+            prediction = self.denoise(noisy, timesteps, labels)
+        return prediction, self.alignment.losses()
+
+
+def null_label(conditioning: str, num_classes: int) -> int | None:
+    """The label meaning "no class" (classifier-free guidance dropout), or ``None`` if unused."""
+    return num_classes if conditioning == "class_tokens" else None
+
+
+def num_parameters(module: nn.Module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
+
+
+__all__ = ["TrainModule", "build_alignment", "build_class_embedder", "build_model", "build_scheduler",
+           "hidden_width", "load_teacher", "null_label", "patch_tokens", "resolve_conditioning"]

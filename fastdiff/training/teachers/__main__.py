@@ -1,0 +1,3 @@
+from fastdiff.training.teachers.vit import main
+
+main()

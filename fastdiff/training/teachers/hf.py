@@ -1,0 +1,57 @@
+"""Hugging Face ``transformers`` ViTs (DINOv2, as in REPA and HASTE) as REPA/HASTE teachers.
+
+Real use (downloads once into the HF cache; nothing in fastdiff needs it offline)::
+
+    teacher = load_dinov2_teacher("facebook/dinov2-base")     # 768-d tokens, patch 14, 12 heads
+    # REPA: images are resized to (student grid) x 14 so teacher tokens match the student's
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.training.repa import TeacherOutput
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class HFViTTeacher(nn.Module):
+    """Wrap a ``transformers`` ViT-style model (``Dinov2Model`` etc.) as a teacher.
+
+    Takes images in [-1, 1] (1 or 3 channels), normalises them with ImageNet statistics and returns the
+    final patch tokens (prefix tokens, CLS and registers, dropped). With ``output_attentions=True`` it
+    also returns each layer's patch-to-patch attention, renormalised over patches (HASTE's target); the
+    wrapped model must then use eager attention.
+    """
+
+    def __init__(self, model: nn.Module, output_attentions: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        config = model.config
+        self.patch_size = int(config.patch_size)
+        self.embed_dim = int(config.hidden_size)
+        self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.output_attentions = output_attentions
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> TeacherOutput:
+        x = (images.expand(-1, 3, -1, -1) + 1) / 2
+        x = (x - self.mean) / self.std
+        out = self.model(pixel_values=x, output_attentions=self.output_attentions)
+        p = self.num_prefix_tokens
+        attentions = []
+        for attn in out.attentions or ():
+            patch = attn[:, :, p:, p:]
+            attentions.append(patch / patch.sum(-1, keepdim=True))
+        return TeacherOutput(tokens=out.last_hidden_state[:, p:], attentions=attentions)
+
+
+def load_dinov2_teacher(name_or_path: str = "facebook/dinov2-base", output_attentions: bool = False,
+                        device: str | torch.device = "cpu", **from_pretrained_kwargs) -> HFViTTeacher:
+    """DINOv2 through ``transformers.AutoModel`` (eager attention, so attention maps can be returned)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(name_or_path, attn_implementation="eager", **from_pretrained_kwargs)
+    return HFViTTeacher(model, output_attentions=output_attentions).to(device)

@@ -1,0 +1,349 @@
+"""Train a diffusers denoiser with Min-SNR weighting, REPA or HASTE, on 1 CPU, N processes or N GPUs.
+
+    python -m fastdiff.training.train --config configs/digits_dit.yaml --haste --weighting min_snr
+    torchrun --nproc_per_node 2 -m fastdiff.training.train --config configs/digits_dit.yaml
+    accelerate launch -m fastdiff.training.train --config configs/digits_dit.yaml   # GPUs / FSDP configs
+
+The whole loop is this file, top to bottom: config -> accelerator -> model, data, optimizer, EMA ->
+resume -> for each step: batch, noise, teacher (while alignment runs), loss, backward, clip, step, EMA ->
+log, evaluate, checkpoint. The batch and the noise of step ``s`` are functions of ``(seed, s)`` and the
+global batch is split evenly over processes, so a resumed run repeats the uninterrupted loss curve and
+N processes reproduce the single-process run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastdiff.schedule import NoiseSchedule, add_noise, prediction_target
+from fastdiff.training.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
+from fastdiff.training.config import Config, load_config, validate
+from fastdiff.training.datasets import StepBatchSampler, batch_indices, build_dataset
+from fastdiff.training.haste import TeacherCache, gradient_cosine
+from fastdiff.training.modeling import (
+    TrainModule,
+    build_alignment,
+    build_class_embedder,
+    build_model,
+    build_scheduler,
+    null_label,
+    num_parameters,
+    patch_tokens,
+    resolve_conditioning,
+)
+from fastdiff.training.tracking import JSONLTracker
+from fastdiff.training.weighting import diffusion_loss, sample_timesteps, scheduler_prediction_type
+
+logger = logging.getLogger("fastdiff.training")
+StepCallback = Callable[[int, dict], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before the optimizer step that would use it."""
+
+
+def step_randomness(cfg: Config, step: int, schedule: NoiseSchedule, sample_shape: tuple[int, ...]):
+    """Timesteps, noise and label-dropout mask of the *global* batch of ``step``, a function of (seed, step)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    t = cfg.train
+    timesteps = sample_timesteps(t.batch_size, schedule, t.timestep_sampling, generator=gen, logit_mean=t.logit_mean,
+                                 logit_std=t.logit_std, mode_scale=t.mode_scale)
+    noise = torch.randn((t.batch_size, *sample_shape), generator=gen)
+    drop = torch.rand(t.batch_size, generator=gen) < cfg.data.class_dropout
+    return timesteps, noise, drop
+
+
+def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
+    """Run training as configured; returns a summary (losses per step, evaluations, throughput, memory)."""
+    validate(cfg)
+    out_dir = Path(cfg.output_dir)
+    terminates = cfg.align.haste and (cfg.align.stop_step is not None or cfg.align.grad_angle_deg is not None)
+
+    # ---------------------------------------------------------------------------------- accelerator
+    accelerator = Accelerator(
+        cpu=cfg.cpu or not _has_accelerator(),  # cpu=True is what makes torchrun'd CPU processes use gloo DDP
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=[JSONLTracker("logs", out_dir) if name == "jsonl" else name for name in cfg.log.trackers],
+        project_dir=str(out_dir),
+        # the REPA projector goes unused after a stage-wise termination
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=terminates)],
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by {world} processes")
+    local_batch = cfg.train.batch_size // world
+    set_seed(cfg.seed)  # identical initialisation on every process
+
+    # ------------------------------------------------------------------------- model, data, optimizer
+    scheduler = build_scheduler(cfg)
+    schedule = NoiseSchedule.from_config(scheduler)
+    prediction_type = scheduler_prediction_type(scheduler)
+    model = build_model(cfg)
+    conditioning = resolve_conditioning(model, cfg.model.conditioning)
+    class_embedder = build_class_embedder(model, cfg.model.num_classes, cfg.seed) if conditioning == "class_tokens" else None
+    alignment = build_alignment(cfg, model, device)
+    module = TrainModule(model, conditioning, class_embedder, alignment)
+    denoiser_params = [p for m in (model, class_embedder) if m is not None for p in m.parameters()]
+    null = null_label(conditioning, cfg.model.num_classes)
+    student_tokens = patch_tokens(model, cfg.data.resolution) if alignment is not None else 0
+    teacher_cache = TeacherCache() if alignment is not None and cfg.align.cache_teacher else None
+    run_teacher = functools.partial(alignment.run_teacher, student_tokens=student_tokens) if alignment else None
+
+    dataset = build_dataset(cfg.data.dataset, cfg.data.path, cfg.data.split, cfg.data.resolution, cfg.data.channels)
+    sample_shape = tuple(dataset[0][0].shape)
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    warmup = max(1, cfg.train.warmup_steps)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(denoiser_params, decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3)
+        ema.to(device)
+
+    # the LR schedule is not prepared: accelerate would step it once per process, we step it per global step
+    module, optimizer = accelerator.prepare(module, optimizer)
+    state = TrainingState()
+    for obj in (state, lr_schedule, ema):
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+
+    # ------------------------------------------------------------------------------------------- resume
+    ckpt_root = out_dir / "checkpoints"
+    resume = cfg.checkpoint.resume
+    resume_dir = latest_checkpoint(ckpt_root) if resume == "auto" else Path(resume) if resume else None
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        if alignment is not None and alignment.termination is not None and state.termination:
+            alignment.termination.load_state_dict(state.termination)
+        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+
+    accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
+    accelerator.print(f"training {type(model).__name__} ({num_parameters(model)} params, {conditioning}) on "
+                      f"{cfg.data.dataset} ({len(dataset)} images), {world} process(es) on {device.type}, global batch "
+                      f"{cfg.train.batch_size}, weighting={cfg.train.weighting}, "
+                      f"alignment={'haste' if cfg.align.haste else 'repa' if cfg.align.repa else 'none'}")
+
+    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, cfg.seed, state.step, cfg.train.max_steps,
+                               rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+    progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                    disable=not (accelerator.is_local_main_process and cfg.log.progress_bar))
+    summary: dict = {"losses": {}, "evals": [], "teacher_calls": 0, "teacher_images": 0,
+                     "resumed_from": str(resume_dir or "")}
+    train_time, window_start, window_samples = 0.0, time.perf_counter(), 0
+
+    # ---------------------------------------------------------------------------------------- the loop
+    for images, labels in loader:
+        step, tic = state.step, time.perf_counter()
+        module.train()
+        timesteps, noise, drop = step_randomness(cfg, step, schedule, sample_shape)
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        images, labels = images.to(device), labels.to(device)
+        timesteps, noise, drop = timesteps[mine].to(device), noise[mine].to(device), drop[mine].to(device)
+        if null is not None:
+            labels = torch.where(drop, torch.full_like(labels, null), labels)
+        alpha, sigma = schedule.alpha(timesteps).float(), schedule.sigma(timesteps).float()
+        noisy = add_noise(images, noise, alpha, sigma)
+        target = prediction_target(images, noise, alpha, sigma, prediction_type)
+
+        teacher_out = None
+        if alignment is not None and alignment.active(step):  # after termination the teacher never runs
+            if teacher_cache is not None:
+                indices = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.seed)[mine]
+                teacher_out, ran = teacher_cache(indices.tolist(), images, run_teacher)
+            else:
+                teacher_out, ran = run_teacher(images), len(images)
+            summary["teacher_calls"] += int(ran > 0)
+            summary["teacher_images"] += ran
+        prediction, aux = module(noisy, timesteps, labels, teacher_out)
+        denoise = diffusion_loss(prediction, target, timesteps, schedule, cfg.train.weighting,
+                                 cfg.train.min_snr_gamma, prediction_type)
+        loss = denoise + aux["align"] if aux else denoise
+
+        loss_mean = accelerator.reduce(loss.detach().float(), "mean")
+        if not torch.isfinite(loss_mean):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_mean.item()}) at step {step} (denoising loss {denoise.item()}"
+                + "".join(f", {k} {v.item()}" for k, v in aux.items()) + "); the last good checkpoint is "
+                f"{latest_checkpoint(ckpt_root)}. Lower train.lr, enable train.grad_clip or use fp32.")
+        termination = alignment.termination if alignment is not None else None
+        grad_cos = None
+        if aux and termination is not None and termination.wants_gradient_angle(step):
+            grad_cos = gradient_cosine(denoise, aux["align"], list(model.parameters()))
+            grad_cos = accelerator.reduce(torch.tensor(grad_cos, device=device), "mean").item()
+            termination.report_gradient_cosine(step, grad_cos)
+
+        accelerator.backward(loss)
+        if cfg.train.grad_clip > 0:
+            accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(denoiser_params)
+        state.step += 1
+        state.samples_seen += cfg.train.batch_size
+        train_time += time.perf_counter() - tic
+        window_samples += cfg.train.batch_size
+
+        # ------------------------------------------------------------------ log, evaluate, checkpoint
+        record = {"loss": loss_mean.item(), "loss/denoise": accelerator.reduce(denoise.detach(), "mean").item()}
+        record.update({f"loss/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in aux.items() if k != "align"})
+        if grad_cos is not None:
+            record["align/grad_cos"] = grad_cos
+        summary["losses"][step] = record["loss"]
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record.update({"lr": lr_schedule.get_last_lr()[0], "throughput/img_per_s": window_samples / elapsed,
+                           "align/active": float(teacher_out is not None)})
+            accelerator.log(record, step=state.step)
+            window_start, window_samples = time.perf_counter(), 0
+        if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
+            result = evaluate(accelerator, module, ema, denoiser_params, scheduler, cfg)
+            if result is not None:
+                summary["evals"].append({"step": state.step, **result})
+                accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step=state.step)
+            window_start = time.perf_counter()
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == cfg.train.max_steps:
+            if termination is not None:
+                state.termination = termination.state_dict()
+            save_checkpoint(accelerator, ckpt_root, state.step, cfg.checkpoint.keep)
+            window_start = time.perf_counter()
+        for callback in callbacks:
+            callback(step, record)
+
+    # --------------------------------------------------------------------------------------- wrap up
+    progress.close()
+    steps_run = len(summary["losses"])
+    summary.update({
+        "final_step": state.step,
+        "train_seconds": train_time,
+        "throughput_img_per_s": steps_run * cfg.train.batch_size / train_time if train_time else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "terminated_at": alignment.termination.terminated_at if alignment is not None and alignment.termination else None,
+        "num_processes": world,
+    })
+    if accelerator.is_main_process:
+        export_model(accelerator.unwrap_model(module), ema, denoiser_params, scheduler, out_dir)
+    accelerator.print(f"done: step {state.step}, {summary['throughput_img_per_s'] or 0:.1f} img/s, "
+                      f"peak memory {summary['peak_memory_mb']:.0f} MB")
+    accelerator.end_training()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _has_accelerator() -> bool:
+    available = getattr(torch, "accelerator", None)
+    return available.is_available() if available is not None else torch.cuda.is_available()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or on CPU the process's peak resident set size (whole process lifetime)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _swap_in_ema(ema, params):
+    if ema is None:
+        return lambda: None
+    ema.store(params)
+    ema.copy_to(params)
+    return lambda: ema.restore(params)
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, module: torch.nn.Module, ema, params, scheduler, cfg: Config) -> dict | None:
+    """FD-digits and class accuracy of ``eval.num_samples`` samples (main process; the others wait)."""
+    inner = accelerator.unwrap_model(module)
+    result = None
+    if accelerator.is_main_process and cfg.data.dataset == "digits" and inner.conditioning == "class_tokens":
+        from fastdiff.metrics import evaluate_samples
+
+        restore = _swap_in_ema(ema if cfg.eval.use_ema else None, params)
+        inner.eval()
+        try:
+            pipe = sampling_pipeline(inner, scheduler)
+            labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
+            gen = torch.Generator().manual_seed(cfg.eval.seed)
+            latents = torch.randn((len(labels), *sample_shape_of(inner)), generator=gen)
+            images = pipe(labels.tolist(), num_inference_steps=cfg.eval.inference_steps,
+                          guidance_scale=cfg.eval.guidance_scale, latents=latents.to(accelerator.device),
+                          output_type="pt").images
+            metrics = evaluate_samples(images.float().cpu(), labels, value_range=(0, 1), metric="digits")
+            result = {"fd": metrics.fd, "accuracy": metrics.accuracy, "metric": metrics.metric}
+        finally:
+            restore()
+            inner.train()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def sample_shape_of(inner: TrainModule) -> tuple[int, int, int]:
+    c = inner.model.config
+    return (c.in_channels, c.sample_size, c.sample_size)
+
+
+def sampling_pipeline(inner: TrainModule, scheduler):
+    """A ``DigitsPipeline`` around the trained transformer and class embedder (DDIM / flow-match Euler)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from fastdiff.models.digits import DigitsPipeline
+
+    sampler_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in type(scheduler).__name__ else DDIMScheduler
+    pipe = DigitsPipeline(inner.model, inner.class_embedder, sampler_cls.from_config(scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_model(inner: TrainModule, ema, params, scheduler, out_dir: Path) -> None:
+    """Save the final (EMA) weights: a ``DigitsPipeline`` for class-token transformers, else the model."""
+    restore = _swap_in_ema(ema, params)
+    try:
+        if inner.conditioning == "class_tokens" and type(inner.model).__name__ == "PixArtTransformer2DModel":
+            sampling_pipeline(inner, scheduler).save_pretrained(out_dir / "pipeline")
+        else:
+            inner.model.save_pretrained(out_dir / "model")
+            scheduler.save_pretrained(out_dir / "scheduler")
+    finally:
+        restore()
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command-line entry point (``python -m fastdiff.training.train`` and ``fastdiff train``)."""
+    cfg = load_config(None, sys.argv[1:] if argv is None else argv)
+    return train(cfg)
+
+
+__all__ = ["NonFiniteLossError", "main", "train"]
+
+if __name__ == "__main__":
+    main()

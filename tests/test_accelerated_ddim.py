@@ -1,0 +1,377 @@
+"""AcceleratedDDIMScheduler: the diffusers scheduler contract, exactness on the oracle, order of convergence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from fastdiff import AcceleratedDDIMScheduler
+from fastdiff.samplers.accelerated_ddim import accelerated_step_coefficients
+from fastdiff.samplers.registry import make_scheduler
+from fastdiff.schedule import NoiseSchedule
+from fastdiff.testing import SD_SCHEDULER_CONFIG, make_gaussian_mixture
+
+torch.set_num_threads(1)
+
+
+def sample_loop(scheduler, model, x, num_inference_steps=None, timesteps=None, generator=None):
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps)
+    else:
+        scheduler.set_timesteps(timesteps=timesteps)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+def rms(a, b):
+    return ((a - b) ** 2).mean().sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return make_gaussian_mixture(dim=64, num_components=8)
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return torch.randn(32, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------ drop-in
+def test_drop_in_stable_diffusion_pipeline():
+    from fastdiff.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = AcceleratedDDIMScheduler.from_config(pipe.scheduler.config)
+    images = [pipe("a red digit", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images for _ in range(2)]
+    assert images[0].shape == (1, 16 * 4, 16 * 4, 3) or images[0].ndim == 4
+    assert np.isfinite(images[0]).all()
+    np.testing.assert_array_equal(images[0], images[1])  # deterministic sampler, same seed
+
+
+@pytest.mark.parametrize("name", ["accel_ddim", "accel_ddpm"])
+def test_drop_in_ddpm_pipeline(name):
+    from fastdiff.testing import tiny_ddpm_pipeline
+
+    pipe = tiny_ddpm_pipeline()
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    runs = [pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(3),
+                 output_type="np").images for _ in range(2)]
+    assert runs[0].shape == (2, 8, 8, 1) and np.isfinite(runs[0]).all()
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("source", [DDIMScheduler, DDPMScheduler, PNDMScheduler, DPMSolverMultistepScheduler,
+                                    EulerDiscreteScheduler])
+def test_from_config_of_diffusers_schedulers(source):
+    base = source.from_config(SD_SCHEDULER_CONFIG)
+    sched = AcceleratedDDIMScheduler.from_config(base.config)
+    assert sched.config.beta_schedule == "scaled_linear" and sched.config.num_train_timesteps == 1000
+    assert isinstance(DDIMScheduler.from_config(sched.config), DDIMScheduler)  # and back
+    assert "DDIMScheduler" in AcceleratedDDIMScheduler._compatibles
+
+
+def test_config_round_trip_identical_steps(tmp_path, oracle, x_T):
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, interpolation="alphas_cumprod")
+    sched.save_config(tmp_path)
+    loaded = AcceleratedDDIMScheduler.from_pretrained(tmp_path)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(loaded.config) == strip(sched.config)
+    a = sample_loop(sched, oracle, x_T[:8], 6)
+    b = sample_loop(loaded, oracle, x_T[:8], 6)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ scheduler contract
+@pytest.mark.parametrize("spacing,expected", [
+    ("trailing", [999, 799, 599, 399, 199]),
+    ("leading", [801, 601, 401, 201, 1]),
+    ("linspace", [999, 749, 500, 250, 0]),
+])
+def test_timestep_spacings(spacing, expected):
+    cfg = dict(SD_SCHEDULER_CONFIG, timestep_spacing=spacing)
+    sched = AcceleratedDDIMScheduler.from_config(cfg)
+    sched.set_timesteps(5)
+    assert sched.timesteps.tolist() == expected
+    ddim = DDIMScheduler.from_config(cfg)
+    ddim.set_timesteps(5)
+    assert sched.timesteps.tolist() == ddim.timesteps.tolist()  # same grid as diffusers' DDIM
+
+
+def test_consecutive_steps_and_shapes():
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(10)
+    sample = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps[:3]:
+        out = sched.step(0.1 * sample, t, sample)
+        assert out.prev_sample.shape == sample.shape and out.pred_original_sample.shape == sample.shape
+        sample = out.prev_sample
+    prev, x0 = sched.step(0.1 * sample, sched.timesteps[3], sample, return_dict=False)
+    assert prev.shape == sample.shape and x0.shape == sample.shape
+
+
+def test_custom_timesteps(oracle, x_T):
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    custom = [999, 850, 620, 400, 250, 120, 40]
+    sched.set_timesteps(timesteps=custom)
+    assert sched.timesteps.tolist() == custom and sched.num_inference_steps == len(custom)
+    x = sample_loop(sched, oracle, x_T[:8], timesteps=custom)
+    assert torch.isfinite(x).all()
+
+
+def test_add_noise_and_velocity_shapes():
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    x0 = torch.randn(4, 3, 8, 8)
+    noise = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    noisy = sched.add_noise(x0, noise, t)
+    assert noisy.shape == x0.shape and noisy.dtype == x0.dtype
+    ref = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG).add_noise(x0, noise, t)
+    torch.testing.assert_close(noisy, ref, rtol=1e-5, atol=1e-6)
+    assert sched.add_noise(x0, noise, torch.tensor(500)).shape == x0.shape
+    assert sched.get_velocity(x0, noise, t).shape == x0.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_and_device_preserved(dtype):
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(4)
+    sample = torch.randn(2, 4, 4, 4).to(dtype)
+    for t in sched.timesteps[:2]:
+        out = sched.step(0.5 * sample, t, sample)
+        assert out.prev_sample.dtype == dtype and out.prev_sample.device == sample.device
+        assert out.pred_original_sample.dtype == dtype
+        sample = out.prev_sample
+    assert torch.isfinite(sample.float()).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_on_matching_oracle(prediction_type, x_T):
+    """The same trajectory whatever the model predicts, when the oracle predicts that type."""
+    cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    model = make_gaussian_mixture(dim=64, num_components=8, prediction_type=prediction_type)
+    eps_model = make_gaussian_mixture(dim=64, num_components=8)
+    x = sample_loop(AcceleratedDDIMScheduler.from_config(cfg), model, x_T[:8], 8)
+    ref = sample_loop(AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG), eps_model, x_T[:8], 8)
+    assert rms(x, ref) < 1e-8
+
+
+def test_zero_terminal_snr_v_prediction(x_T):
+    cfg = dict(SD_SCHEDULER_CONFIG, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    sched = AcceleratedDDIMScheduler.from_config(cfg)
+    model = make_gaussian_mixture(dim=64, num_components=8, scheduler_config=cfg, prediction_type="v_prediction")
+    x = sample_loop(sched, model, x_T[:8], 6)
+    assert sched.noise_schedule.alpha(999).item() == 0.0 and torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------------------------------ the math
+def test_first_order_part_is_ddim(oracle, x_T):
+    """With the correction switched off (every step lower order) the update is DDIM on the same grid."""
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    ddim = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(5)
+    ddim.set_timesteps(5)
+    x = x_T[:4]
+    out_a = sched.step(oracle(x, 999), 999, x).prev_sample  # first step: no history
+    out_b = ddim.step(oracle(x, 999), 999, x).prev_sample
+    torch.testing.assert_close(out_a, out_b, rtol=1e-6, atol=1e-6)
+
+
+def test_paper_coefficient_matches_arcsin_form():
+    """noise space + alphas_cumprod interpolation is the paper's (arcsin) update, on any grid."""
+    sched = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+    grid = [999, 870, 600, 555, 300, 90, 20]
+    coeffs = accelerated_step_coefficients(sched, grid, 0, solver_space="noise", interpolation="alphas_cumprod",
+                                          max_step_ratio=None)
+    ab = sched.alpha_cumprod(grid + [0]).tolist()
+    for i in range(1, len(grid)):
+        a_prev, a_t, a_s = ab[i - 1], ab[i], ab[i + 1]
+        paper = math.sqrt(a_s) / (a_t - a_prev) * (
+            a_t * math.sqrt(1 - a_s) / math.sqrt(a_s) + math.asin(math.sqrt(a_s))
+            - a_t * math.sqrt(1 - a_t) / math.sqrt(a_t) - math.asin(math.sqrt(a_t)))
+        # the paper writes the term as paper * (eps_prev - eps_t); ours is correction * (eps_t - eps_prev)
+        assert coeffs.correction[i].item() == pytest.approx(-paper, rel=1e-9, abs=1e-12)
+    assert coeffs.correction[0].item() == 0.0
+
+
+def test_step_ratio_limit_falls_back_to_log_snr():
+    """Linear betas, 5 trailing steps: sigma saturates at high noise, so the second step (ratio 17 in sigma)
+    extrapolates in log-SNR; well-conditioned steps keep the sigma coefficients."""
+    sched = NoiseSchedule.from_config({"beta_schedule": "linear"})
+    grid = [999, 799, 599, 399, 199]
+    limited = accelerated_step_coefficients(sched, grid, None)
+    plain = accelerated_step_coefficients(sched, grid, None, max_step_ratio=None)
+    log_snr = accelerated_step_coefficients(sched, grid, None, interpolation="log_snr")
+    sig = sched.sigma(grid + [0]).tolist()[:-1] + [0.0]
+    for i in range(1, len(grid)):
+        ratio = abs(sig[i + 1] - sig[i]) / abs(sig[i] - sig[i - 1])
+        expected = log_snr if ratio > 3 else plain
+        assert limited.correction[i].item() == pytest.approx(expected.correction[i].item(), rel=1e-12)
+    assert abs(plain.correction[1].item()) > 5 * abs(limited.correction[1].item())
+    with pytest.raises(ValueError, match="max_step_ratio"):
+        AcceleratedDDIMScheduler(max_step_ratio=0)
+
+
+def test_step_map_matches_scheduler(oracle, x_T):
+    """The pure coefficient function reproduces the scheduler (what the parallel step maps reuse)."""
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(6)
+    coeffs = accelerated_step_coefficients(sched.noise_schedule, sched.timesteps.tolist(), 0)
+    x, prev_d = x_T[:4], None
+    y = x.clone()
+    for i, t in enumerate(sched.timesteps):
+        a, s = sched.noise_schedule.alpha(t).item(), sched.noise_schedule.sigma(t).item()
+        eps = oracle(y, t)
+        x0 = (y - s * eps) / a
+        d = eps if coeffs.space == "noise" else x0
+        step = coeffs.alpha_next[i] * x0 + coeffs.sigma_next[i] * eps
+        if prev_d is not None:
+            step = step + coeffs.correction[i] * (d - prev_d)
+        prev_d, y = d, step
+        x = sched.step(oracle(x, t), t, x).prev_sample
+    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+def grid_sample(model, schedule, timesteps, final, x, order2=True, **kw):
+    """The accelerated update folded over a grid with the pure coefficient function."""
+    c = accelerated_step_coefficients(schedule, timesteps, final, **kw)
+    prev_d = None
+    for i, t in enumerate(timesteps):
+        a, s = schedule.alpha(t).item(), schedule.sigma(t).item()
+        eps = model(x, t)
+        x0 = (x - s * eps) / a
+        d = eps if c.space == "noise" else x0
+        x_next = c.alpha_next[i] * x0 + c.sigma_next[i] * eps
+        if order2 and prev_d is not None:
+            x_next = x_next + c.correction[i] * (d - prev_d)
+        x, prev_d = x_next, d
+    return x
+
+
+@pytest.mark.parametrize("kw", [{}, {"solver_space": "noise", "interpolation": "alphas_cumprod"},
+                                {"solver_space": "noise", "interpolation": "log_snr"}])
+def test_second_order_convergence(kw):
+    """Error vs the exact ODE solution falls ~4x per doubling of steps (DDIM: ~2x), on a grid that refines
+    everywhere (fractional timesteps, uniform in t from 999 to 100)."""
+    model = make_gaussian_mixture(dim=8, num_components=4, std_range=(0.3, 0.6), seed=3)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    exact = model.solve_ode(x, 999, 100, steps=400)
+    errs, ddim = [], []
+    for n in (8, 16, 32):
+        grid = torch.linspace(999, 100, n + 1, dtype=torch.float64).tolist()
+        errs.append(rms(grid_sample(model, model.schedule, grid[:-1], grid[-1], x, **kw), exact))
+        ddim.append(rms(grid_sample(model, model.schedule, grid[:-1], grid[-1], x, order2=False), exact))
+    orders = [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]
+    ddim_orders = [math.log2(a / b) for a, b in zip(ddim[:-1], ddim[1:])]
+    assert min(orders) > 1.7, (errs, orders)
+    assert max(ddim_orders) < 1.3, (ddim, ddim_orders)
+    assert errs[-1] < ddim[-1] / 5
+
+
+def test_beats_ddim_at_same_nfe(oracle):
+    """Same NFE, same trailing grid: lower rms error than DDIM vs the exact ODE solution."""
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    exact = oracle.solve_ode(x, 999, 0, steps=300)
+    def err(sched, n):
+        return rms(sample_loop(sched, oracle, x, n), exact)
+
+    for n, margin in ((5, 0.8), (10, 0.6)):
+        ddim = err(DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), n)
+        ours = err(AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG), n)
+        exact_score = err(AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, max_step_ratio=None), n)
+        paper = err(AcceleratedDDIMScheduler.from_config(
+            SD_SCHEDULER_CONFIG, interpolation="alphas_cumprod", max_step_ratio=None), n)
+        assert ours < margin * ddim and max(exact_score, paper) < 0.6 * ddim, (n, ours, exact_score, paper, ddim)
+
+
+# ------------------------------------------------------------------------------------------ stochastic
+def test_stochastic_noise_budget():
+    """Pre- and post-evaluation noise add up to the DDPM posterior variance of every step."""
+    sched = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+    grid = [999, 700, 400, 150, 30]
+    c = accelerated_step_coefficients(sched, grid, None)
+    a = sched.alpha(grid).tolist() + [1.0]
+    s = sched.sigma(grid).tolist() + [0.0]
+    var = [s[i + 1] ** 2 - c.eps_scale[i].item() ** 2 for i in range(len(grid))]
+    for i in range(len(grid)):
+        pre_next = (a[i + 1] / a[i + 2]) ** 2 * var[i + 1] / 2 if i + 1 < len(grid) else 0.0
+        post = var[i] if i == 0 else var[i] / 2
+        assert c.noise_std[i].item() ** 2 == pytest.approx(post + pre_next, rel=1e-12, abs=1e-15)
+    assert c.noise_std[-1].item() == 0.0  # lands on clean data without noise
+
+
+def test_stochastic_reproducible_and_distribution(oracle):
+    cfg = dict(SD_SCHEDULER_CONFIG, set_alpha_to_one=True)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = [sample_loop(AcceleratedDDIMScheduler.from_config(cfg, stochastic=True), oracle, x, 20,
+                        generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    # samples land on mixture components (a 20-step DDPM is under-dispersed on components this sharp)
+    dist = torch.cdist(runs[0], oracle.means)
+    k = dist.argmin(1)
+    spread = (dist.min(1).values / math.sqrt(64) / oracle.stds[k])
+    assert 0.3 < spread.median().item() < 1.2
+    assert len(set(k.tolist())) == 8  # every component is reached
+
+
+def test_stochastic_variance_types():
+    sched = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+    grid = [999, 600, 200]
+    small = accelerated_step_coefficients(sched, grid, None, variance="posterior")
+    large = accelerated_step_coefficients(sched, grid, None, variance="beta")
+    assert torch.all(large.noise_std[:-1] > small.noise_std[:-1])
+    torch.testing.assert_close(large.eps_scale, small.eps_scale)  # same (posterior) mean
+    ddpm_cfg = DDPMScheduler(variance_type="fixed_large").config
+    assert AcceleratedDDIMScheduler.from_config(ddpm_cfg, stochastic=True).config.variance_type == "fixed_large"
+    with pytest.raises(ValueError, match="variance_type"):
+        AcceleratedDDIMScheduler(stochastic=True, variance_type="learned_range")
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="solver_space"):
+        AcceleratedDDIMScheduler(solver_space="latent")
+    with pytest.raises(ValueError, match="interpolation"):
+        AcceleratedDDIMScheduler(interpolation="cubic")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        AcceleratedDDIMScheduler(timestep_spacing="karras")
+    with pytest.raises(ValueError, match="prediction_type"):
+        AcceleratedDDIMScheduler(prediction_type="noise")
+    with pytest.raises(ValueError, match="flow"):
+        AcceleratedDDIMScheduler(prediction_type="flow")
+    sched = AcceleratedDDIMScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(1, 4), 999, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="exactly one"):
+        sched.set_timesteps()
+    with pytest.raises(ValueError, match="exactly one"):
+        sched.set_timesteps(10, timesteps=[999, 500])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps(0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps(1001)
+    with pytest.raises(TypeError, match="num_inference_steps"):
+        sched.set_timesteps(10.5)
+    with pytest.raises(ValueError, match="decreasing"):
+        sched.set_timesteps(timesteps=[500, 999])
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        sched.set_timesteps(timesteps=[1000, 10])
+    sched.set_timesteps(10)
+    with pytest.raises(ValueError, match="not on this scheduler's grid"):
+        sched.step(torch.zeros(1, 4), 998, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="shape"):
+        sched.step(torch.zeros(1, 4), sched.timesteps[0], torch.zeros(1, 5))

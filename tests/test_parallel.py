@@ -1,0 +1,280 @@
+"""The fixed-point engine and the pipeline integration: exactness at tolerance 0, statistics, errors."""
+
+from __future__ import annotations
+
+import diffusers as d
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.samplers.parallel import (
+    METHODS,
+    block_ranking,
+    linear_scan,
+    sample_parallel,
+    tolerance_scale,
+)
+from fastdiff.samplers.steps import NonFiniteLatentError, draw_noise, sample_sequential, step_map_for
+from fastdiff.testing import (
+    SD_SCHEDULER_CONFIG,
+    make_gaussian_mixture,
+    tiny_ddpm_pipeline,
+    tiny_pixart_pipeline,
+)
+
+SD = SD_SCHEDULER_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster and keeps the suite's CPU time low on shared machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+ORACLE = make_gaussian_mixture(dim=16, num_components=4)
+
+
+def _setup(make, steps, batch=3, seed=0):
+    sched = make()
+    sched.set_timesteps(steps)
+    sm = step_map_for(sched)
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * sm.init_noise_sigma
+    noise = draw_noise(sm, tuple(x.shape), torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
+    return sm, x, noise, sample_sequential(sm, ORACLE, x, noise)
+
+
+SCHEDULERS = {
+    "ddim": (lambda: d.DDIMScheduler(**SD), 12),
+    "ddpm": (lambda: d.DDPMScheduler.from_config(SD), 14),
+    "dpmpp_2m": (lambda: d.DPMSolverMultistepScheduler.from_config(SD), 10),
+    "euler_ancestral": (lambda: d.EulerAncestralDiscreteScheduler.from_config(SD), 10),
+}
+
+
+# ------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sched", sorted(SCHEDULERS))
+def test_tolerance_zero_reproduces_sequential(method, sched):
+    sm, x, noise, ref = _setup(*SCHEDULERS[sched])
+    for window, init in ((sm.num_steps, "gaussian"), (4, "copy")):
+        out, stats = sample_parallel(sm, ORACLE, x, noise, method=method, window=window, tolerance=0.0, init=init)
+        assert (out - ref).pow(2).mean().sqrt() <= 1e-10, (window, init)
+        assert stats.converged and stats.rounds <= sm.num_steps
+
+
+def test_tolerance_zero_with_a_pipeline_warm_start():
+    sm, x, noise, ref = _setup(*SCHEDULERS["ddpm"])
+    first = ORACLE(x, sm.timesteps[0])
+    out, stats = sample_parallel(sm, ORACLE, x, noise, method="newton", window=5, tolerance=0.0, first_output=first)
+    assert (out - ref).abs().max() <= 1e-10
+    assert stats.rounds <= sm.num_steps
+
+
+def test_async_windows_give_the_same_result():
+    sm, x, noise, ref = _setup(*SCHEDULERS["ddim"])
+    out, stats = sample_parallel(sm, ORACLE, x, noise, method="picard", window=5, tolerance=0.0, sync_every=3)
+    assert (out - ref).abs().max() <= 1e-10
+    assert stats.host_syncs < stats.rounds
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def test_statistics_count_rounds_and_evaluations():
+    sm, x, noise, ref = _setup(*SCHEDULERS["ddim"])
+    K = sm.num_steps
+    # a window of one point is sequential sampling: K rounds, K evaluations
+    out, st = sample_parallel(sm, ORACLE, x, noise, method="picard", window=1, tolerance=0.0)
+    assert (st.rounds, st.model_evals) == (K, K) and (out - ref).abs().max() <= 1e-12
+    # an infinite tolerance accepts every window at once: ceil(K / W) rounds, K evaluations
+    for method in ("picard", "jacobi", "newton"):
+        _, st = sample_parallel(sm, ORACLE, x, noise, method=method, window=5, tolerance=1e9)
+        assert (st.rounds, st.model_evals) == (-(-K // 5), K), method
+    # GS-Jacobi evaluates two initial guesses on a block's first sweep
+    _, st = sample_parallel(sm, ORACLE, x, noise, method="gs_jacobi", window=5, tolerance=1e9)
+    assert (st.rounds, st.model_evals) == (-(-K // 5), 2 * K)
+    # exact mode: every window evaluation is counted, and rounds never exceed K
+    _, st = sample_parallel(sm, ORACLE, x, noise, method="jacobi", window=K, tolerance=0.0)
+    assert st.rounds == K and st.model_evals == sum(K - b for b in range(K))
+    assert st.round_speedup == 1.0 and st.as_dict()["rounds"] == K
+
+
+def test_newton_converges_in_few_rounds():
+    """The regression guard for the headline result (rms <= 1e-3 vs sequential, DDIM-50, one window)."""
+    sm, x, noise, ref = _setup(lambda: d.DDIMScheduler(**SD), 50, batch=4)
+    out, st = sample_parallel(sm, ORACLE, x, noise, method="newton", window=50, tolerance=0.3)
+    assert (out - ref).pow(2).mean().sqrt() <= 1e-3
+    assert st.rounds <= 4 and st.converged
+    out, st_p = sample_parallel(sm, ORACLE, x, noise, method="picard", window=50, tolerance=0.1)
+    assert (out - ref).pow(2).mean().sqrt() <= 1e-3 and st_p.rounds > st.rounds
+
+
+def test_max_rounds_stops_early_and_says_so():
+    sm, x, noise, _ = _setup(*SCHEDULERS["ddpm"])
+    _, st = sample_parallel(sm, ORACLE, x, noise, method="jacobi", window=4, tolerance=0.0, max_rounds=3)
+    assert st.rounds == 3 and not st.converged
+
+
+def test_linear_scan_matches_the_recurrence():
+    g = torch.Generator().manual_seed(0)
+    J = torch.rand(150, 3, generator=g, dtype=torch.float64) * 1.5
+    c = torch.randn(150, 3, 4, generator=g, dtype=torch.float64)
+    d_prev, ref = torch.zeros(3, 4, dtype=torch.float64), []
+    for i in range(150):
+        d_prev = J[i][:, None] * d_prev + c[i]
+        ref.append(d_prev)
+    assert torch.allclose(linear_scan(J, c, chunk=16), torch.stack(ref), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(linear_scan(None, c), c.cumsum(0))
+
+
+def test_tolerance_scale_and_block_ranking():
+    sm, *_ = _setup(*SCHEDULERS["ddim"])
+    scale = tolerance_scale(sm)
+    assert scale.shape == (sm.num_steps,) and bool((scale > 0).all())
+    crm = block_ranking(sm, 4)
+    assert crm.shape == (3,) and float(crm.max()) == 1.0
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_clear_errors():
+    sm, x, noise, _ = _setup(*SCHEDULERS["ddpm"])
+    with pytest.raises(ValueError, match="window"):
+        sample_parallel(sm, ORACLE, x, noise, window=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        sample_parallel(sm, ORACLE, x, noise, tolerance=-0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sample_parallel(sm, ORACLE, x, noise, method="anderson")
+    with pytest.raises(ValueError, match="stochastic"):
+        sample_parallel(sm, ORACLE, x, None)
+    with pytest.raises(ValueError, match="NaN"):
+        sample_parallel(sm, ORACLE, x * float("nan"), noise)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_latents_stop_and_report_the_step(method):
+    sm, x, noise, _ = _setup(*SCHEDULERS["ddim"])
+    first_bad = int((sm.timesteps < 400).nonzero()[0])
+
+    def broken(u, t):
+        out = ORACLE(u, t)
+        return torch.where((t < 400).reshape(-1, *([1] * (u.ndim - 1))), out * float("inf"), out)
+
+    with pytest.raises(NonFiniteLatentError, match=f"step {first_bad}") as err:
+        sample_parallel(sm, broken, x, noise, method=method, window=5, tolerance=0.1)
+    assert err.value.step == first_bad and err.value.stats.rounds > 0
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+def _same(pipe, tol=1e-5, parallel=None, **kwargs):
+    torch.manual_seed(1)  # DiT's loop draws the scheduler's noise from the global generator
+    ref = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.manual_seed(1)
+    out = fastdiff.parallel_sample(pipe, **kwargs, generator=torch.Generator().manual_seed(0), output_type="pt",
+                                   tolerance=0.0, **(parallel or {}))
+    assert (torch.as_tensor(out.images) - torch.as_tensor(ref)).abs().max() <= tol
+    return out
+
+
+def test_sd_pipeline_with_cfg_and_a_stochastic_scheduler(sd_pipe):
+    out = _same(sd_pipe, prompt="a cat", num_inference_steps=5, guidance_scale=5.0, guidance_rescale=0.3,
+                height=16, width=16, parallel={"method": "newton", "window": 3})
+    assert out.stats.rounds <= 5 and out.stats.method == "newton"
+    sd_pipe.scheduler = d.EulerAncestralDiscreteScheduler.from_config(sd_pipe.scheduler.config)
+    _same(sd_pipe, prompt=["a cat", "dog"], num_inference_steps=4, guidance_scale=3.0, height=16, width=16,
+          parallel={"window": 4})
+    # the pipeline object is left as it was
+    assert len(sd_pipe.scheduler.timesteps) == 4 and "step" not in vars(sd_pipe.scheduler)
+
+
+def test_return_dict_false_keeps_the_tuple(sd_pipe):
+    images, nsfw = out = fastdiff.parallel_sample(sd_pipe, "a cat", num_inference_steps=3, height=16, width=16,
+                                                  output_type="pt", return_dict=False, window=3)
+    assert images.shape == (1, 3, 16, 16) and out.stats.rounds >= 1
+
+
+def test_pixart_and_ddpm_pipelines():
+    _same(tiny_pixart_pipeline(), prompt="a cat", num_inference_steps=5, use_resolution_binning=False, height=16,
+          width=16, parallel={"window": 2})
+    _same(tiny_ddpm_pipeline(), batch_size=2, num_inference_steps=8, parallel={"method": "gs_jacobi", "window": 4})
+
+
+def test_sdxl_pipeline():
+    _same(_tiny_sdxl(), prompt="a cat", num_inference_steps=4, guidance_scale=4.0, parallel={"window": 2})
+
+
+def test_dit_pipeline_doubled_state_and_stochastic_noise():
+    pipe = _tiny_dit()
+    _same(pipe, class_labels=[1, 7], num_inference_steps=4, guidance_scale=3.0, parallel={"window": 4})
+    pipe.scheduler = d.DDPMScheduler.from_config(pipe.scheduler.config)
+    _same(pipe, class_labels=[3], num_inference_steps=5, guidance_scale=1.0, parallel={"window": 3})
+
+
+def test_digits_pipeline():
+    from fastdiff.models.digits import build_digits_pipeline
+
+    pipe = build_digits_pipeline({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
+                                  "cross_attention_dim": 16, "caption_channels": 16})
+    pipe.set_progress_bar_config(disable=True)
+    out = _same(pipe, class_labels=[0, 3], num_inference_steps=6, guidance_scale=2.0,
+                parallel={"method": "newton", "window": 3})
+    assert out.stats.model_evals >= 6
+
+
+def test_pipeline_errors(sd_pipe):
+    with pytest.raises(ValueError, match="supported pipelines"):
+        fastdiff.parallel_sample(object())
+    with pytest.raises(ValueError, match="window"):
+        fastdiff.parallel_sample(sd_pipe, "a cat", window=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        fastdiff.parallel_sample(sd_pipe, "a cat", tolerance=-1.0)
+    sd_pipe.scheduler = d.PNDMScheduler.from_config(sd_pipe.scheduler.config)
+    with pytest.raises(ValueError, match="PNDMScheduler.*supported schedulers: .*DDIMScheduler"):
+        fastdiff.parallel_sample(sd_pipe, "a cat")
+
+
+# ------------------------------------------------------------------------------------------- tiny pipelines
+@pytest.fixture
+def sd_pipe():
+    from fastdiff.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()
+
+
+def _tiny_vae():
+    return d.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
+    ).eval()
+
+
+def _tiny_sdxl():
+    from transformers import CLIPTextModelWithProjection
+
+    from fastdiff.testing import tiny_clip_tokenizer_and_encoder
+
+    tokenizer, text_encoder = tiny_clip_tokenizer_and_encoder(hidden_size=32)
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder.config).eval()
+    unet = d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        norm_num_groups=16,
+    ).eval()
+    pipe = d.StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=d.EulerDiscreteScheduler.from_config(SD),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    transformer = d.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000,
+    ).eval()
+    pipe = d.DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=d.DDIMScheduler(**SD))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
