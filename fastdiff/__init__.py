@@ -5,8 +5,7 @@ The public API is re-exported here and imported lazily, so ``import fastdiff`` s
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdiff._package import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,18 +25,17 @@ _EXPORTS = {
     "parallel_sample": "fastdiff.samplers.pipelines",
     "enable_tgate": "fastdiff.samplers.tgate",
     "disable_tgate": "fastdiff.samplers.tgate",
+    "is_tgate_enabled": "fastdiff.samplers.tgate",
+    "DDIMDualFastScheduler": "fastdiff.samplers.dualfast",
+    "DPMSolverMultistepDualFastScheduler": "fastdiff.samplers.dualfast",
+    "AcceleratedDDIMDualFastScheduler": "fastdiff.samplers.dualfast",
+    "sample_parallel": "fastdiff.samplers.parallel",
+    "ParallelStats": "fastdiff.samplers.parallel",
+    "step_map_for": "fastdiff.samplers.steps",
+    "diffusion_loss": "fastdiff.training.weighting",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(globals(), "fastdiff", _EXPORTS)

@@ -125,6 +125,7 @@ def run_compare(
     """
     from .metrics import evaluate_samples
     from .models.digits import DEFAULT_GUIDANCE_SCALE, _check_device, load_embedded_pipeline
+    from .samplers.tgate import disable_tgate, enable_tgate
 
     _check_args(samplers, steps, num_images)
     dev = _check_device(device)
@@ -149,18 +150,16 @@ def run_compare(
                 pipe.scheduler = make_scheduler(name, base_config)
                 gated = tgate is not None and tgate <= n
                 if gated:
-                    from .samplers.tgate import enable_tgate
-
                     enable_tgate(pipe, gate_step=tgate)
                 counter.calls = 0
                 start = time.perf_counter()
-                out = pipe(labels, num_inference_steps=n, guidance_scale=guidance_scale, latents=noise.clone(),
-                           generator=torch.Generator(dev).manual_seed(seed + 1), output_type="pt").images
+                try:
+                    out = pipe(labels, num_inference_steps=n, guidance_scale=guidance_scale, latents=noise.clone(),
+                               generator=torch.Generator(dev).manual_seed(seed + 1), output_type="pt").images
+                finally:
+                    if gated:
+                        disable_tgate(pipe)
                 seconds = time.perf_counter() - start
-                if gated:
-                    from .samplers.tgate import disable_tgate
-
-                    disable_tgate(pipe)
                 with warnings.catch_warnings():  # the metric that ran is recorded in the result instead
                     warnings.simplefilter("ignore", UserWarning)
                     m = evaluate_samples(out.cpu(), labels, value_range=(0, 1))

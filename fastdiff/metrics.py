@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from fastdiff._package import save_network
 from fastdiff.data import IMAGE_SIZE, NUM_CLASSES, SPLITS, load_digits
 
 FEATURE_NET_DIR = Path(__file__).parent / "models" / "digits_features"
@@ -210,13 +211,7 @@ def train_feature_net(
 
 def save_feature_net(net: DigitsFeatureNet, record: dict, out: str | Path) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (``record``) into directory ``out``."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
+    return save_network(net, record, out)
 
 
 # ----------------------------------------------------------------------------------------------------

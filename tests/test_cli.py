@@ -67,3 +67,26 @@ def test_samplers_lists_the_baselines(capsys):
     listed = capsys.readouterr().out
     for name in ("ddim", "dpmpp_2m", "unipc", "euler", "deis"):
         assert name in listed
+
+
+def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(compare_run):
+    from fastdiff import is_tgate_enabled, load_embedded_pipeline
+
+    _, out = compare_run
+    plain = {(c["sampler"], c["steps"]): c for c in json.loads((out / "compare.json").read_text())["cells"]}
+    pipe = load_embedded_pipeline()
+    result, images = run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, tgate=3, num_images=20, progress=False)
+    assert not is_tgate_enabled(pipe)
+    for cell in result.cells:
+        ref = plain[(cell.sampler, cell.steps)]
+        if cell.steps < 3:  # gate beyond the run: exactly the uncached cell
+            assert cell.tgate is None and cell.fd == pytest.approx(ref["fd"], rel=1e-6)
+        else:  # one CFG-halved call per step after the gate: same NFE, different samples
+            assert cell.tgate == 3 and cell.nfe == ref["nfe"] and cell.fd != pytest.approx(ref["fd"], rel=1e-3)
+    again, _ = run_compare(["ddim"], [4], pipe=pipe, num_images=20, progress=False)
+    assert again.cells[0].fd == pytest.approx(plain[("ddim", 4)]["fd"], rel=1e-6)
+
+
+def test_compare_rejects_a_bad_gate_step():
+    with pytest.raises(ValueError, match="tgate must be a gate step >= 1"):
+        run_compare(["ddim"], [2], tgate=0, num_images=2, progress=False)

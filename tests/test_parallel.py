@@ -23,15 +23,6 @@ from fastdiff.testing import (
 )
 
 SD = SD_SCHEDULER_CONFIG
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and keeps the suite's CPU time low on shared machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ORACLE = make_gaussian_mixture(dim=16, num_components=4)
 
 

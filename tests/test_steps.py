@@ -20,15 +20,6 @@ from fastdiff.samplers.steps import (
 from fastdiff.testing import SD_SCHEDULER_CONFIG, make_gaussian_mixture
 
 SD = SD_SCHEDULER_CONFIG
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and keeps the suite's CPU time low on shared machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 FLOW = {"num_train_timesteps": 1000, "shift": 3.0, "_class_name": "FlowMatchEulerDiscreteScheduler"}
 
 

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import PixArtTransformer2DModel
 
 from fastdiff.training import (
     REPA,
@@ -23,19 +22,6 @@ from fastdiff.training.haste import (
     materialized_attention,
     resolve_attention_backend,
 )
-
-PIXART = dict(sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=3, num_attention_heads=2,
-              attention_head_dim=8, cross_attention_dim=16, caption_channels=8, norm_type="ada_norm_single",
-              num_embeds_ada_norm=1000, use_additional_conditions=False, attention_bias=True)
-
-
-@pytest.fixture(scope="module")
-def pixart():
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**PIXART).eval()
-    inputs = dict(hidden_states=torch.randn(2, 1, 8, 8), encoder_hidden_states=torch.randn(2, 3, 8),
-                  timestep=torch.tensor([10, 500]))
-    return model, inputs
 
 
 @torch.no_grad()

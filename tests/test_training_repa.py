@@ -8,19 +8,6 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transf
 from fastdiff.training import REPA, BlockOutputHook, TeacherOutput, negative_cosine, run_teacher
 from fastdiff.training.repa import get_block, match_tokens, token_grid
 
-PIXART = dict(sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=3, num_attention_heads=2,
-              attention_head_dim=8, cross_attention_dim=16, caption_channels=8, norm_type="ada_norm_single",
-              num_embeds_ada_norm=1000, use_additional_conditions=False, attention_bias=True)
-
-
-@pytest.fixture(scope="module")
-def pixart():
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**PIXART).eval()
-    inputs = dict(hidden_states=torch.randn(2, 1, 8, 8), encoder_hidden_states=torch.randn(2, 3, 8),
-                  timestep=torch.tensor([10, 500]))
-    return model, inputs
-
 
 def manual_block_outputs(model: PixArtTransformer2DModel, inputs: dict) -> list[torch.Tensor]:
     """PixArt's forward up to and through each block, written out by hand."""

@@ -11,8 +11,7 @@ Names are imported lazily so ``import fastdiff.training`` does not pull in accel
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdiff._package import lazy_exports
 
 _EXPORTS = {
     "diffusion_loss": "fastdiff.training.weighting",
@@ -45,13 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastdiff.training' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(globals(), "fastdiff.training", _EXPORTS)

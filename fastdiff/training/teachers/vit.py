@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff._package import save_network
 from fastdiff.data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from fastdiff.training.repa import TeacherOutput
 
@@ -147,13 +148,7 @@ def _accuracy(net: DigitsViT, images: Tensor, labels: Tensor) -> float:
 
 def save_teacher(net: DigitsViT, record: dict, out: str | Path) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out``."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
+    return save_network(net, record, out)
 
 
 def load_digits_teacher(path: str | Path = TEACHER_DIR, device: str | torch.device = "cpu") -> DigitsViT:

@@ -1,0 +1,44 @@
+"""Small helpers shared by the package's modules: lazy re-exports and saving a shipped network."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def lazy_exports(
+    module_globals: dict[str, Any], module_name: str, exports: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """Return ``(__getattr__, __dir__)`` for a package that re-exports ``name -> submodule`` lazily.
+
+    Each name is imported on first access and then cached in ``module_globals``.
+    """
+    names = sorted(exports)
+
+    def getattr_(name: str) -> Any:
+        if name in exports:
+            value = getattr(importlib.import_module(exports[name]), name)
+            module_globals[name] = value
+            return value
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    def dir_() -> list[str]:
+        return names
+
+    return getattr_, dir_
+
+
+def save_network(net: nn.Module, record: dict, out: str | Path) -> Path:
+    """Write ``net``'s weights as ``model.safetensors`` and ``record`` as ``config.json`` into ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
