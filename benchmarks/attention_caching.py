@@ -57,6 +57,7 @@ from fastdiff.samplers.tgate_hooks import Action, SelfAttnSchedule, tgate_action
 from fastdiff.testing import SD_SCHEDULER_CONFIG, tiny_clip_tokenizer_and_encoder
 
 RESULTS = Path(__file__).parent / "results"
+COND_WEIGHTS = (1.0, 2.0)
 PROMPT = "a photograph of an astronaut riding a horse"
 
 SD15_UNET: dict[str, Any] = {
@@ -366,6 +367,8 @@ def bench_digits(num_images: int, steps_and_gates: dict[int, list[int]], self_at
             configs += [(steps, "uncached, noise seed 1", None), (steps, "uncached, no CFG", None)]
         if self_attn_gate is not None and steps == 25:
             configs.append((steps, "tgate-v2", self_attn_gate))
+            # fastdiff's option: keep u + w (c - u) at the gate instead of the mean, carrying CFG past the gate
+            configs += [(steps, f"tgate cond_weight={w}", self_attn_gate) for w in COND_WEIGHTS]
         if steps in diffusers_steps:
             configs += [(steps, name, None) for name in diffusers_cache_configs(timestep)]
 
@@ -374,7 +377,8 @@ def bench_digits(num_images: int, steps_and_gates: dict[int, list[int]], self_at
         if _cached(transformer):
             CacheMixin.disable_cache(transformer)
         if method.startswith("tgate"):
-            enable_tgate(pipe, gate, self_attn={} if method == "tgate-v2" else None)
+            weight = float(method.split("cond_weight=")[1]) if "cond_weight=" in method else 0.5
+            enable_tgate(pipe, gate, self_attn={} if method == "tgate-v2" else None, cond_weight=weight)
         elif not method.startswith("uncached"):
             enable_diffusers_cache(transformer, diffusers_cache_configs(timestep)[method])
 
@@ -433,11 +437,11 @@ def bench_digits(num_images: int, steps_and_gates: dict[int, list[int]], self_at
 
 def markdown(result: dict) -> str:
     lines = ["| model | method | steps | gate | GMACs/img | MACs -% | wall s/img | wall -% | CPU -% | step-time est. -% "
-             "| FD-digits | FD / uncached | acc |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| FD-digits | FD / uncached | FD to uncached samples | acc |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, section in (("SD-like UNet", result["sd_like"]), ("digits", result["digits"])):
         for r in section["runs"]:
-            quality = (f"{r['fd_digits']:.2f} | {r['fd_ratio_to_uncached']:.2f} | {r['accuracy']:.3f}"
-                       if "fd_digits" in r else "- | - | -")
+            quality = (f"{r['fd_digits']:.2f} | {r['fd_ratio_to_uncached']:.2f} | "
+                       f"{r['fd_digits_to_uncached_samples']:.2f} | {r['accuracy']:.3f}" if "fd_digits" in r else "- | - | - | -")
             timing = (f"{r['wall_s_per_image']} | {100 * r['wall_reduction']:.1f} | {100 * r['cpu_reduction']:.1f}"
                       if "wall_s_per_image" in r else "not timed | - | -")
             est = r.get("step_time_estimate_reduction")

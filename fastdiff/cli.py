@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="samplers x steps -> FD, class accuracy, NFE, time; table, JSON, plot")
     p.add_argument("--samplers", type=_name_list, default=None,
-                   help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,euler); see `fastdiff samplers`")
+                   help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,euler,accel_ddim,dpmpp_2m_dualfast); "
+                        "see `fastdiff samplers`")
     p.add_argument("--steps", type=_int_list, default=None, help="comma-separated step counts (default: 5,10,20)")
     p.add_argument("--num-images", type=int, default=None, help="images per cell (default: 100)")
     p.add_argument("--out", default="fastdiff-out/compare", help="output folder (default: fastdiff-out/compare)")

@@ -22,7 +22,7 @@ import torch
 
 from .samplers.registry import available_samplers, make_scheduler
 
-DEFAULT_SAMPLERS = ("ddim", "dpmpp_2m", "unipc", "euler")
+DEFAULT_SAMPLERS = ("ddim", "dpmpp_2m", "unipc", "euler", "accel_ddim", "dpmpp_2m_dualfast")
 DEFAULT_STEPS = (5, 10, 20)
 DEFAULT_NUM_IMAGES = 100
 

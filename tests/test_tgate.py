@@ -123,9 +123,10 @@ def test_schedule_matches_reference():
 
 
 @torch.no_grad()
-def manual_tgate(sd, latents, steps, gate, guidance, negative=None):
+def manual_tgate(sd, latents, steps, gate, guidance, negative=None, cond_weight=0.5):
     """TGATE written out as a loop (reference path): CFG up to the gate, then the uncond branch alone with
-    every cross-attention output replaced by the mean of its halves at step ``gate - 1``."""
+    every cross-attention output replaced by the mean of its halves at step ``gate - 1`` (or, for
+    ``cond_weight`` w, by ``u + w (c - u)``)."""
     unet = sd.unet
     cond, uncond = sd.encode_prompt("a cat", "cpu", latents.shape[0], True, negative_prompt=negative)
     sched = DDIMScheduler.from_config(sd.scheduler.config)
@@ -142,7 +143,7 @@ def manual_tgate(sd, latents, steps, gate, guidance, negative=None):
             out = self.inner(attn, hidden_states, encoder_hidden_states, **kw)
             if phase["mode"] == "store":
                 u, c = out.chunk(2)
-                cache[self.name] = (u + c) / 2
+                cache[self.name] = (u + c) / 2 if cond_weight == 0.5 else u + cond_weight * (c - u)
             return out
 
     original = unet.attn_processors
@@ -174,6 +175,17 @@ def test_sd_exact_before_gate_and_matches_reference_loop(sd):
         assert (trace[i] - ref_trace[i]).abs().max() <= 1e-6, i
     assert (out - ref).abs().max() > 1e-4  # and after the gate they do differ
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cond_weight", [1.0, 2.0])
+def test_cond_weight_mixes_the_kept_halves(sd, cond_weight):
+    latents = sd_latents(sd)
+    mean = manual_tgate(sd, latents, STEPS, GATE, 5.0)
+    expected = manual_tgate(sd, latents, STEPS, GATE, 5.0, cond_weight=cond_weight)
+    fastdiff.enable_tgate(sd, gate_step=GATE, cond_weight=cond_weight)
+    out, _ = sd_run(sd, latents, guidance_scale=5.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - mean).abs().max() > 1e-4
 
 
 def test_sd_cross_attention_skipped_and_batch_halved(sd):
@@ -359,6 +371,10 @@ def test_errors(sd):
         fastdiff.enable_tgate(sd, gate_step=2, self_attn={"warmup": 2})
     with pytest.raises(ValueError, match="sp_interval"):
         fastdiff.enable_tgate(sd, gate_step=2, self_attn={"sp_interval": 0})
+    with pytest.raises(ValueError, match="cond_weight must be >= 0"):
+        fastdiff.enable_tgate(sd, gate_step=2, cond_weight=-1)
+    with pytest.raises(TypeError, match="cond_weight must be a finite number"):
+        fastdiff.enable_tgate(sd, gate_step=2, cond_weight=float("nan"))
     with pytest.raises(TypeError, match="pipe_or_model"):
         fastdiff.enable_tgate("not a pipeline", gate_step=2)
     with pytest.raises(ValueError, match="no cross-attention"):

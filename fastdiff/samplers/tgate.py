@@ -38,6 +38,7 @@ to cache and are rejected; so are pipelines that run CFG as separate denoiser ca
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +66,7 @@ def enable_tgate(
     pipe_or_model: Any,
     gate_step: int = 10,
     self_attn: Mapping[str, int] | bool | None = None,
+    cond_weight: float = 0.5,
 ) -> None:
     """Turn on TGATE (Liu et al. 2024, arXiv:2404.02747) for a diffusers pipeline or its denoiser.
 
@@ -76,6 +78,11 @@ def enable_tgate(
             upper bound is checked when the pipeline sets its timesteps.
         self_attn: ``None`` (TGATE-V1, cross-attention only), ``True`` for the TGATE-V2 defaults, or a dict
             with any of ``warm_up`` (2), ``sp_interval`` (5), ``fi_interval`` (1).
+        cond_weight: with CFG, the output kept at the gate is ``uncond + cond_weight * (cond - uncond)``.
+            ``0.5`` is the paper's mean of the two halves; ``1`` keeps the conditional output; values above 1
+            extrapolate like guidance and carry CFG's effect past the gate (fastdiff's option: on the
+            embedded digits model at gate 10/25, class accuracy 0.63 -> 0.84 at 1 and 0.95 at 2, uncached
+            0.98; ``benchmarks/attention_caching.py``). Ignored without CFG.
 
     Enabling again replaces the previous settings. Raises ``ValueError`` for models without
     cross-attention or with joint attention (SD3, Flux), ``TypeError`` for objects that are neither.
@@ -83,11 +90,12 @@ def enable_tgate(
     pipe, denoiser = _resolve(pipe_or_model)
     gate_step = _check_gate_step(gate_step)
     schedule = _check_self_attn(self_attn)
+    cond_weight = _check_cond_weight(cond_weight)
     cross, self_layers = _attention_layers(denoiser)
     if is_tgate_enabled(denoiser):
         disable_tgate(denoiser)
     layers = cross + (self_layers if schedule is not None else [])
-    setattr(denoiser, _STATE_ATTR, _TGate(denoiser, pipe, gate_step, schedule, layers))
+    setattr(denoiser, _STATE_ATTR, _TGate(denoiser, pipe, gate_step, schedule, layers, cond_weight))
 
 
 def disable_tgate(pipe_or_model: Any) -> None:
@@ -139,6 +147,14 @@ def _check_gate_step(gate_step: Any) -> int:
     return gate_step
 
 
+def _check_cond_weight(cond_weight: Any) -> float:
+    if isinstance(cond_weight, bool) or not isinstance(cond_weight, (int, float)) or not math.isfinite(cond_weight):
+        raise TypeError(f"cond_weight must be a finite number (0.5: the paper's mean), got {cond_weight!r}")
+    if cond_weight < 0:
+        raise ValueError(f"cond_weight must be >= 0 (0.5: the paper's mean, 1: conditional only), got {cond_weight}")
+    return float(cond_weight)
+
+
 def _check_self_attn(self_attn: Any) -> SelfAttnSchedule | None:
     if self_attn is None or self_attn is False:
         return None
@@ -188,9 +204,9 @@ class _TGate:
     """TGATE installed on one denoiser: its run state, hooks and scheduler wrappers, and how to undo them."""
 
     def __init__(self, denoiser: torch.nn.Module, pipe: Any, gate_step: int, schedule: SelfAttnSchedule | None,
-                 layers: list[torch.nn.Module]) -> None:
+                 layers: list[torch.nn.Module], cond_weight: float = 0.5) -> None:
         self.denoiser, self.pipe = denoiser, pipe
-        self.run = TGateRun(gate_step, schedule)
+        self.run = TGateRun(gate_step, schedule, cond_weight)
         self.scheduler: Any = None
         self._scheduler_saved: dict[str, Any] = {}
         self._wrappers: dict[str, Any] = {}

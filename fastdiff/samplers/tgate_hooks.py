@@ -70,7 +70,7 @@ def tgate_actions(step: int, gate_step: int, self_attn: SelfAttnSchedule | None)
 @dataclass
 class _Entry:
     value: torch.Tensor
-    at_gate: bool  # kept at the gate step: becomes the mean of the CFG halves on first reuse
+    at_gate: bool  # kept at the gate step: becomes the mix of the CFG halves on first reuse
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TGateRun:
 
     gate_step: int
     self_attn: SelfAttnSchedule | None
+    cond_weight: float = 0.5  # kept output = uncond + cond_weight * (cond - uncond); 0.5 is TGATE's mean
     step: int = 0
     num_steps: int | None = None
     cfg: bool | None = None
@@ -136,7 +137,7 @@ class TGateRun:
         if entry.at_gate:
             if self.cfg:
                 uncond, cond = entry.value.chunk(2)
-                entry.value = (uncond + cond) / 2
+                entry.value = torch.lerp(uncond, cond, self.cond_weight)
             entry.at_gate = False
         if entry.value.shape[0] != batch:
             raise RuntimeError(
