@@ -132,6 +132,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the training script's own parser
+        from .training.train import main as train_main
+
+        train_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compare":
@@ -143,10 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name in available_samplers():
                 print(f"{name:<22} {sampler_spec(name).description}")
-        elif args.command == "train":
-            from .training.train import main as train_main
-
-            return train_main(args.args) or 0
         elif args.command == "bench":
             return _bench(args)
     except (ValueError, TypeError, FileNotFoundError) as err:

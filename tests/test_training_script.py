@@ -197,3 +197,13 @@ def test_other_diffusers_models_from_config_and_pretrained(tmp_path, model):
     assert (exported / "config.json").is_file()
     again = train(load_config(CONFIG, [f"output_dir={tmp_path / 'b'}", *common, *spec, f"model.pretrained={exported}"]))
     assert again["final_step"] == 2
+
+
+def test_fastdiff_train_command_passes_everything_to_the_script(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    assert main(["train", "--config", str(CONFIG), f"output_dir={tmp_path}", *TINY, "--max_steps", "2"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "logs" / "metrics.jsonl") if "loss" in r][-1] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--max_steps" in capsys.readouterr().out
