@@ -54,6 +54,24 @@ def test_tolerance_zero_reproduces_sequential(method, sched):
         assert stats.converged and stats.rounds <= sm.num_steps
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_progress_reports_accepted_steps_up_to_all(method):
+    sm, x, noise, ref = _setup(*SCHEDULERS["ddpm"])
+    seen = []
+    out, stats = sample_parallel(sm, ORACLE, x, noise, method=method, window=4, tolerance=0.0, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == sm.num_steps and 0 < len(seen) <= stats.host_syncs
+    assert (out - ref).pow(2).mean().sqrt() <= 1e-10
+
+
+def test_parallel_sample_shows_the_pipelines_progress_bar(capsys):
+    pipe = tiny_ddpm_pipeline()
+    pipe.set_progress_bar_config(disable=False)
+    fastdiff.parallel_sample(pipe, batch_size=1, num_inference_steps=6, window=3, tolerance=0.0,
+                             generator=torch.Generator().manual_seed(0), output_type="pt")
+    err = capsys.readouterr().err
+    assert "parallel picard: steps accepted" in err and "6/6" in err
+
+
 def test_tolerance_zero_with_a_pipeline_warm_start():
     sm, x, noise, ref = _setup(*SCHEDULERS["ddpm"])
     first = ORACLE(x, sm.timesteps[0])

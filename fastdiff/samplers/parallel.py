@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -93,6 +94,7 @@ def sample_parallel(
     first_output: torch.Tensor | None = None,
     sync_every: int = 1,
     block_iters: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, ParallelStats]:
     """Sample ``x_K`` from ``x`` (= ``x_0``, already times ``init_noise_sigma``) by a parallel fixed-point solve.
 
@@ -119,6 +121,8 @@ def sample_parallel(
             others in proportion to their convergence ranking metric (:func:`block_ranking`). Default: no cap
             (every block may take as many sweeps as it has steps, which makes it exact); on diffusion
             trajectories a cap trades accuracy for rounds.
+        progress: called with the number of steps accepted so far, at every host read (e.g. to drive a
+            progress bar; :func:`fastdiff.parallel_sample` shows the pipeline's own bar).
 
     Returns:
         ``(x_K, stats)``. Raises :class:`~.steps.NonFiniteLatentError` naming the step whose exact update
@@ -129,6 +133,7 @@ def sample_parallel(
     _check(method, window, tolerance, init, max_rounds, sync_every, x, noise, step_map, first_output)
     window = min(window, num)
     solver = _Solver(step_map, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every)
+    solver.progress = progress
     if method == "gs_jacobi":
         solver.run_blocks(max_rounds, block_iters, first_output)
     else:
@@ -285,6 +290,8 @@ def block_ranking(sm: StepMap, block: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- the solver state
 class _Solver:
     """Trajectory buffers and the round primitives shared by the sliding-window and block methods."""
+
+    progress: Callable[[int], None] | None = None
 
     def __init__(self, sm, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every):
         num, self.B = sm.num_steps, x.shape[0]
@@ -535,6 +542,8 @@ class _Solver:
                                         self.bad_step)
             self.begin = torch.tensor(hi, device=b.device)
             self.extend(self.begin, self.begin - 1)
+            if self.progress is not None:
+                self.progress(hi)
             if self.stats.rounds >= limit and hi < K:
                 converged = False
                 break
@@ -570,6 +579,8 @@ class _Solver:
         begin, bad = torch.stack([self.begin, self.bad_step]).tolist()
         if bad < self.K:
             self.raise_nonfinite(bad)
+        if self.progress is not None:
+            self.progress(min(begin, self.K))
         return begin
 
     def check_finite(self) -> None:

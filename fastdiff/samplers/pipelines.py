@@ -208,10 +208,12 @@ class _ParallelRun:
         denoiser = self.denoiser(state_batch=x.shape[0])
         if self.distributed or (self.distributed is None and _world_size() > 1):
             denoiser = split_denoiser(denoiser, x.shape[0])
-        out, self.stats = sample_parallel(
-            sm, denoiser, x, None if noise is None else noise.to(dtype), first_output=model_output.to(dtype),
-            **self.options,
-        )
+        with self.pipe.progress_bar(total=sm.num_steps) as bar:
+            bar.set_description(f"parallel {self.options['method']}: steps accepted")
+            out, self.stats = sample_parallel(
+                sm, denoiser, x, None if noise is None else noise.to(dtype), first_output=model_output.to(dtype),
+                progress=lambda done: bar.update(done - bar.n), **self.options,
+            )
         return out.to(sample.dtype)
 
     def denoiser(self, state_batch: int) -> Denoiser:
