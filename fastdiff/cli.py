@@ -31,6 +31,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--tgate", type=int, default=None, metavar="GATE_STEP",
                    help="cache cross-attention after this step and drop CFG (TGATE)")
+    p.add_argument("--tgate-cond-weight", type=float, default=0.5, metavar="W",
+                   help="with --tgate: keep uncond + W (cond - uncond) at the gate (default 0.5, the paper's mean; "
+                        "the guidance scale keeps CFG's effect)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +84,8 @@ def _compare(args: argparse.Namespace) -> None:
     result, images = run_compare(
         args.samplers or list(DEFAULT_SAMPLERS), args.steps or list(DEFAULT_STEPS),
         num_images=args.num_images or DEFAULT_NUM_IMAGES, guidance_scale=args.guidance_scale, seed=args.seed,
-        tgate=args.tgate, device=args.device, progress=not args.no_progress,
+        tgate=args.tgate, tgate_cond_weight=args.tgate_cond_weight, device=args.device,
+        progress=not args.no_progress,
     )
     console.print(render_table(result))
     paths = save_outputs(result, images, args.out)
@@ -105,7 +109,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.tgate is not None:
         from .samplers.tgate import enable_tgate
 
-        enable_tgate(pipe, gate_step=args.tgate)
+        enable_tgate(pipe, gate_step=args.tgate, cond_weight=args.tgate_cond_weight)
     kwargs = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     labels = torch.arange(10).repeat_interleave(args.per_class)
     images = pipe(labels, num_inference_steps=args.steps, generator=torch.Generator(args.device).manual_seed(args.seed),

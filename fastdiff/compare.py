@@ -104,6 +104,7 @@ def run_compare(
     guidance_scale: float | None = None,
     seed: int = 0,
     tgate: int | None = None,
+    tgate_cond_weight: float = 0.5,
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[CompareResult, dict[tuple[str, int], torch.Tensor]]:
@@ -117,6 +118,7 @@ def run_compare(
         guidance_scale: CFG scale; default: the pipeline's default.
         seed: seed of the shared initial noise (and of stochastic samplers).
         tgate: gate step for TGATE cross-attention caching; cells with fewer steps run uncached.
+        tgate_cond_weight: TGATE's ``cond_weight`` (:func:`fastdiff.enable_tgate`).
         device: torch device string.
         progress: show a progress bar.
 
@@ -125,12 +127,14 @@ def run_compare(
     """
     from .metrics import evaluate_samples
     from .models.digits import DEFAULT_GUIDANCE_SCALE, _check_device, load_embedded_pipeline
-    from .samplers.tgate import disable_tgate, enable_tgate
+    from .samplers.tgate import _check_cond_weight, disable_tgate, enable_tgate
 
     _check_args(samplers, steps, num_images)
     dev = _check_device(device)
     if tgate is not None and (not isinstance(tgate, int) or tgate < 1):
         raise ValueError(f"tgate must be a gate step >= 1, got {tgate!r}")
+    if tgate is not None:
+        _check_cond_weight(tgate_cond_weight)
     pipe = pipe if pipe is not None else load_embedded_pipeline(dev)
     pipe.set_progress_bar_config(disable=True)
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
@@ -150,7 +154,7 @@ def run_compare(
                 pipe.scheduler = make_scheduler(name, base_config)
                 gated = tgate is not None and tgate <= n
                 if gated:
-                    enable_tgate(pipe, gate_step=tgate)
+                    enable_tgate(pipe, gate_step=tgate, cond_weight=tgate_cond_weight)
                 counter.calls = 0
                 start = time.perf_counter()
                 try:
@@ -171,7 +175,8 @@ def run_compare(
     finally:
         counter.remove()
     settings = {"samplers": list(samplers), "steps": list(steps), "num_images": num_images,
-                "guidance_scale": guidance_scale, "seed": seed, "tgate": tgate, "model": "embedded digits",
+                "guidance_scale": guidance_scale, "seed": seed, "tgate": tgate,
+                "tgate_cond_weight": tgate_cond_weight if tgate is not None else None, "model": "embedded digits",
                 "metric_note": "; ".join(sorted(n for n in notes if n))}
     return CompareResult(cells, settings, environment_info(dev)), images
 

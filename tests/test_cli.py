@@ -45,6 +45,8 @@ def test_compare_is_reproducible_and_more_steps_help(compare_run):
         (["compare", "--device", "cuda:7"], "device 'cuda:7'"),
         (["compare", "--device", "banana"], "device must be a torch device"),
         (["compare", "--num-images", "1"], "num_images must be an int >= 2"),
+        (["compare", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
+        (["sample", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
         (["sample", "--steps", "0"], "--steps must be >= 1"),
         (["sample", "--sampler", "nope"], "unknown sampler"),
     ],
@@ -76,6 +78,8 @@ def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(c
     plain = {(c["sampler"], c["steps"]): c for c in json.loads((out / "compare.json").read_text())["cells"]}
     pipe = load_embedded_pipeline()
     result, images = run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, tgate=3, num_images=20, progress=False)
+    guided, _ = run_compare(["ddim"], [4], pipe=pipe, tgate=3, tgate_cond_weight=2.0, num_images=20, progress=False)
+    assert guided.settings["tgate_cond_weight"] == 2.0 and guided.cells[0].fd != pytest.approx(result.cells[1].fd)
     assert not is_tgate_enabled(pipe)
     for cell in result.cells:
         ref = plain[(cell.sampler, cell.steps)]
