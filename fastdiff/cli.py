@@ -140,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # everything after `train` belongs to the training script's own parser
         from .training.train import main as train_main
 
-        train_main(argv[1:])
+        try:
+            train_main(argv[1:])
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"fastdiff train: error: {err}", file=sys.stderr)
+            return 2
         return 0
     args = build_parser().parse_args(argv)
     try:

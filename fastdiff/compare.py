@@ -127,14 +127,14 @@ def run_compare(
     """
     from .metrics import evaluate_samples
     from .models.digits import DEFAULT_GUIDANCE_SCALE, _check_device, load_embedded_pipeline
-    from .samplers.tgate import _check_cond_weight, disable_tgate, enable_tgate
+    from .samplers.tgate import check_cond_weight, disable_tgate, enable_tgate
 
     _check_args(samplers, steps, num_images)
     dev = _check_device(device)
     if tgate is not None and (not isinstance(tgate, int) or tgate < 1):
         raise ValueError(f"tgate must be a gate step >= 1, got {tgate!r}")
     if tgate is not None:
-        _check_cond_weight(tgate_cond_weight)
+        check_cond_weight(tgate_cond_weight)
     pipe = pipe if pipe is not None else load_embedded_pipeline(dev)
     pipe.set_progress_bar_config(disable=True)
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale

@@ -207,3 +207,5 @@ def test_fastdiff_train_command_passes_everything_to_the_script(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "--max_steps" in capsys.readouterr().out
+    assert main(["train", "--config", str(CONFIG), "train.lrr=1"]) == 2
+    assert "fastdiff train: error:" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def enable_tgate(
     pipe, denoiser = _resolve(pipe_or_model)
     gate_step = _check_gate_step(gate_step)
     schedule = _check_self_attn(self_attn)
-    cond_weight = _check_cond_weight(cond_weight)
+    cond_weight = check_cond_weight(cond_weight)
     cross, self_layers = _attention_layers(denoiser)
     if is_tgate_enabled(denoiser):
         disable_tgate(denoiser)
@@ -147,7 +147,8 @@ def _check_gate_step(gate_step: Any) -> int:
     return gate_step
 
 
-def _check_cond_weight(cond_weight: Any) -> float:
+def check_cond_weight(cond_weight: Any) -> float:
+    """``cond_weight`` as a float; raises naming the argument and the allowed values."""
     if isinstance(cond_weight, bool) or not isinstance(cond_weight, (int, float)) or not math.isfinite(cond_weight):
         raise TypeError(f"cond_weight must be a finite number (0.5: the paper's mean), got {cond_weight!r}")
     if cond_weight < 0:
