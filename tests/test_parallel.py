@@ -69,7 +69,7 @@ def test_parallel_sample_shows_the_pipelines_progress_bar(capsys):
     fastdiff.parallel_sample(pipe, batch_size=1, num_inference_steps=6, window=3, tolerance=0.0,
                              generator=torch.Generator().manual_seed(0), output_type="pt")
     err = capsys.readouterr().err
-    assert "parallel picard: steps accepted" in err and "6/6" in err
+    assert "parallel newton: steps accepted" in err and "6/6" in err
 
 
 def test_tolerance_zero_with_a_pipeline_warm_start():
@@ -287,3 +287,20 @@ def _tiny_dit():
     pipe = d.DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=d.DDIMScheduler(**SD))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_no_autograd_graph_across_rounds():
+    sm, x, noise, _ = _setup(*SCHEDULERS["ddim"])
+    weight = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+    out, _ = sample_parallel(sm, lambda u, t: weight * ORACLE(u, t), x, noise, method="newton", window=4)
+    ref = sample_sequential(sm, lambda u, t: weight * ORACLE(u, t), x, noise)
+    assert not out.requires_grad and not ref.requires_grad
+
+
+def test_default_method_and_tolerance():
+    sm, x, noise, ref = _setup(*SCHEDULERS["ddpm"])
+    out, stats = sample_parallel(sm, ORACLE, x, noise)
+    assert (stats.method, stats.tolerance) == ("newton", 3e-4) and stats.converged
+    assert (out - ref).pow(2).mean().sqrt() <= 1e-3
+    _, stats = sample_parallel(sm, ORACLE, x, noise, method="picard")
+    assert stats.tolerance == 0.1

@@ -55,9 +55,9 @@ def supported_pipelines() -> list[str]:
 def parallel_sample(
     pipe: Any,
     *args: Any,
-    method: str = "picard",
+    method: str = "newton",
     window: int | None = None,
-    tolerance: float = 0.1,
+    tolerance: float | None = None,
     init: str = "gaussian",
     max_rounds: int | None = None,
     sync_every: int = 1,
@@ -81,7 +81,7 @@ def parallel_sample(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if not isinstance(tolerance, (int, float)) or tolerance < 0 or tolerance != tolerance:
+    if tolerance is not None and (not isinstance(tolerance, (int, float)) or tolerance < 0 or tolerance != tolerance):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     _check_scheduler(pipe.scheduler)
     if pipe_kwargs.get("denoising_end") is not None:

@@ -165,6 +165,7 @@ def draw_noise(
     return noise
 
 
+@torch.no_grad()
 def sample_sequential(
     sm: StepMap, denoiser: Denoiser, x: torch.Tensor, noise: torch.Tensor | None = None,
     return_trajectory: bool = False,
