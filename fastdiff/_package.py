@@ -6,9 +6,10 @@ import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # `import fastdiff` goes through this module and must not import torch
+    from torch import nn
 
 
 def lazy_exports(

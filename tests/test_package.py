@@ -21,6 +21,7 @@ def test_every_export_resolves(package):
 
 
 def test_import_is_lazy():
-    code = "import sys, fastdiff; print('diffusers' in sys.modules, 'accelerate' in sys.modules)"
+    code = ("import sys, fastdiff; "
+            "print('torch' in sys.modules, 'diffusers' in sys.modules, 'accelerate' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
