@@ -24,13 +24,11 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_sampling import TARGET_RMS, digits_model, oracle_model  # noqa: E402
+from parallel_sampling import TARGET_RMS, _rms, digits_model, oracle_model, trajectory  # noqa: E402
 
 from fastdiff.samplers.parallel import sample_parallel  # noqa: E402
-from fastdiff.samplers.steps import draw_noise, sample_sequential, step_map_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("picard", 0.1), ("newton", 1e-3), ("newton", 3e-4), ("newton", 1e-4)]
@@ -41,14 +39,10 @@ CASES = [("ddim", 25, 25), ("ddim", 50, 32), ("ddim", 100, 32), ("ddpm", 1000, 8
 def study(model, config: dict, x: torch.Tensor, label: str) -> list[dict]:
     rows = []
     for kind, steps, window in CASES:
-        sched = (DDIMScheduler if kind == "ddim" else DDPMScheduler).from_config(config)
-        sched.set_timesteps(steps)
-        sm = step_map_for(sched)
-        noise = draw_noise(sm, tuple(x.shape), torch.Generator().manual_seed(7), x.device, x.dtype)
-        ref = sample_sequential(sm, model, x, noise)
+        sm, noise, ref = trajectory(model, config, kind, steps, x)
         for method, tol in CONFIGS:
             y, st = sample_parallel(sm, model, x, noise, method=method, window=window, tolerance=tol)
-            rms = float((y.double() - ref.double()).pow(2).mean().sqrt())
+            rms = _rms(y, ref)
             rows.append({"case": label, "sampler": f"{kind.upper()}-{steps}", "window": window, "method": method,
                          "tolerance": tol, "rounds": st.rounds, "evals": st.model_evals, "rms": rms,
                          "within_target": rms <= TARGET_RMS})

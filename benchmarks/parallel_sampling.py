@@ -127,14 +127,20 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def compare(model: Model, config: dict, kind: str, steps: int, window: int, x: torch.Tensor,
-            methods: list[str], ladder: tuple[float, ...], full_ladder: set[str], seed: int = 7) -> dict:
-    """All methods on one (sampler, steps, window): every tolerance tried, and the best at rms <= 1e-3."""
+def trajectory(model: Model, config: dict, kind: str, steps: int, x: torch.Tensor, seed: int = 7):
+    """``(step map, step noise, sequential reference x_K)`` for a ``kind`` ("ddim"/"ddpm") run of ``steps``."""
     sched = (DDIMScheduler if kind == "ddim" else DDPMScheduler).from_config(config)
     sched.set_timesteps(steps)
     sm = step_map_for(sched)
     noise = draw_noise(sm, tuple(x.shape), torch.Generator(x.device).manual_seed(seed), x.device, x.dtype)
-    reference = sample_sequential(sm, model, x, noise)
+    return sm, noise, sample_sequential(sm, model, x, noise)
+
+
+@torch.no_grad()
+def compare(model: Model, config: dict, kind: str, steps: int, window: int, x: torch.Tensor,
+            methods: list[str], ladder: tuple[float, ...], full_ladder: set[str], seed: int = 7) -> dict:
+    """All methods on one (sampler, steps, window): every tolerance tried, and the best at rms <= 1e-3."""
+    sm, noise, reference = trajectory(model, config, kind, steps, x, seed)
     own, *_ = paradigms_loop(kind, config, steps, model, x, torch.Generator(x.device).manual_seed(seed), 1, 0.1)
     out: dict[str, Any] = {"sampler": f"{kind.upper()}-{steps}", "kind": kind, "steps": steps, "window": window,
                            "paradigms_fixed_point_vs_scheduler_step_rms": _rms(own, reference), "methods": {}}

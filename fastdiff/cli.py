@@ -137,33 +137,29 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # everything after `train` belongs to the training script's own parser
-        from .training.train import main as train_main
-
-        try:
-            train_main(argv[1:])
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            print(f"fastdiff train: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    args = build_parser().parse_args(argv)
+    # everything after `train` belongs to the training script's own parser (argparse.REMAINDER drops options)
+    args = None if argv[:1] == ["train"] else build_parser().parse_args(argv)
+    command = "train" if args is None else args.command
     try:
-        if args.command == "compare":
+        if command == "train":
+            from .training.train import main as train_main
+
+            train_main(argv[1:])
+        elif command == "compare":
             _compare(args)
-        elif args.command == "sample":
+        elif command == "sample":
             _sample(args)
-        elif args.command == "samplers":
+        elif command == "samplers":
             from .samplers.registry import available_samplers, sampler_spec
 
             for name in available_samplers():
                 print(f"{name:<22} {sampler_spec(name).description}")
-        elif args.command == "bench":
+        elif command == "bench":
             return _bench(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"fastdiff {args.command}: error: {err}", file=sys.stderr)
+        print(f"fastdiff {command}: error: {err}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
