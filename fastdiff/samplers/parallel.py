@@ -135,14 +135,13 @@ def sample_parallel(
         ``(x_K, stats)``. Raises :class:`~.steps.NonFiniteLatentError` naming the step whose exact update
         is non-finite.
     """
+    check_options(method, window, tolerance, init, max_rounds, sync_every)
+    _check(x, noise, step_map, first_output)
     num = step_map.num_steps
-    window = num if window is None else window
-    if tolerance is None and method in DEFAULT_TOLERANCE:
-        tolerance = DEFAULT_TOLERANCE[method]
-    _check(method, window, tolerance, init, max_rounds, sync_every, x, noise, step_map, first_output)
-    window = min(window, num)
-    solver = _Solver(step_map, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every)
-    solver.progress = progress
+    window = num if window is None else min(window, num)
+    tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
+    solver = _Solver(step_map, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every,
+                     progress)
     if method == "gs_jacobi":
         solver.run_blocks(max_rounds, block_iters, first_output)
     else:
@@ -150,12 +149,16 @@ def sample_parallel(
     return solver.result()
 
 
-def _check(method, window, tolerance, init, max_rounds, sync_every, x, noise, sm, first_output) -> None:
+def check_options(method: str, window: int | None, tolerance: float | None, init: str = "gaussian",
+                  max_rounds: int | None = None, sync_every: int = 1) -> None:
+    """Validate :func:`sample_parallel`'s scalar options (``None`` window / tolerance: the defaults)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+    if tolerance is not None and (
+        not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0
+    ):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -163,6 +166,9 @@ def _check(method, window, tolerance, init, max_rounds, sync_every, x, noise, sm
         raise ValueError(f"max_rounds must be an int >= 1 or None, got {max_rounds!r}")
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+
+
+def _check(x, noise, sm, first_output) -> None:
     if not torch.is_floating_point(x) or x.ndim < 1:
         raise TypeError("x must be a floating-point tensor [B, ...]")
     if not bool(torch.isfinite(x).all()):
@@ -300,16 +306,14 @@ def block_ranking(sm: StepMap, block: int) -> torch.Tensor:
 class _Solver:
     """Trajectory buffers and the round primitives shared by the sliding-window and block methods."""
 
-    progress: Callable[[int], None] | None = None
-
-    def __init__(self, sm, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every):
+    def __init__(self, sm, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every, progress):
         num, self.B = sm.num_steps, x.shape[0]
         self.K, self.W, self.H = num, window, sm.history
         pad = 2 * window + 1  # room for a full window, and its extrapolation, past the last step
         self.sm = _pad(sm, pad).to(x.device, x.dtype)
         self.scale = torch.cat([tolerance_scale(sm), torch.ones(pad, dtype=torch.float64)]).to(x.device)
         self.den, self.method, self.tol, self.init = denoiser, method, float(tolerance), init
-        self.sync_every = sync_every
+        self.sync_every, self.progress = sync_every, progress
         size = num + pad + 1
         self.traj = x.new_zeros((size, *x.shape))
         self.traj[0] = x
@@ -611,6 +615,6 @@ class _Solver:
 
 
 __all__ = [
-    "DEFAULT_TOLERANCE", "INITS", "METHODS", "ParallelStats", "block_ranking", "gaussian_gain", "linear_scan", "sample_parallel",
+    "DEFAULT_TOLERANCE", "INITS", "METHODS", "ParallelStats", "block_ranking", "check_options", "gaussian_gain", "linear_scan", "sample_parallel",
     "split_denoiser", "step_jacobian", "tolerance_scale",
 ]

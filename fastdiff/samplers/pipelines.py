@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .parallel import METHODS, ParallelStats, sample_parallel, split_denoiser
+from .parallel import ParallelStats, check_options, sample_parallel, split_denoiser
 from .steps import Denoiser, draw_noise, step_map_for, supported_schedulers
 
 
@@ -77,12 +77,7 @@ def parallel_sample(
     Step callbacks run once, on the final latents.
     """
     adapter = _adapter_for(pipe)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if tolerance is not None and (not isinstance(tolerance, (int, float)) or tolerance < 0 or tolerance != tolerance):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    check_options(method, window, tolerance, init, max_rounds, sync_every)  # before the pipeline runs
     _check_scheduler(pipe.scheduler)
     if pipe_kwargs.get("denoising_end") is not None:
         raise ValueError("denoising_end is not supported by parallel sampling")
