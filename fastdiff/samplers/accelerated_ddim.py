@@ -69,9 +69,9 @@ variance so the output is not re-noised.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -487,18 +487,14 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# registry: names for `fastdiff compare` / `fastdiff sample`
+# named configurations (fastdiff.samplers.registry builds these by name)
 # ------------------------------------------------------------------------------------------------------------
-def _register() -> None:
-    from .registry import register_sampler
-
-    register_sampler("accel_ddim", lambda cfg: AcceleratedDDIMScheduler.from_config(cfg),
-                     "accelerated DDIM, 2nd order, 1 eval/step (Li et al. 2024; fastdiff)")
-    register_sampler("accel_ddim_paper", lambda cfg: AcceleratedDDIMScheduler.from_config(
-        cfg, solver_space="noise", interpolation="alphas_cumprod", max_step_ratio=None),
-        "accelerated DDIM, the paper's update verbatim (eps linear in alpha-bar; Li et al. 2024; fastdiff)")
-    register_sampler("accel_ddpm", lambda cfg: AcceleratedDDIMScheduler.from_config(cfg, stochastic=True),
-                     "accelerated DDPM, stochastic, 1 eval/step (Li et al. 2024; fastdiff)")
+def few_step_scheduler(config: Mapping[str, Any], **overrides: Any) -> AcceleratedDDIMScheduler:
+    """fastdiff's default few-step sampler (registry name ``accel_ddim``) from a pipeline's scheduler config."""
+    return AcceleratedDDIMScheduler.from_config(config, **overrides)
 
 
-_register()
+def paper_scheduler(config: Mapping[str, Any], **overrides: Any) -> AcceleratedDDIMScheduler:
+    """The paper's update verbatim (registry name ``accel_ddim_paper``): eps linear in alpha-bar, no step limit."""
+    settings = {"solver_space": "noise", "interpolation": "alphas_cumprod", "max_step_ratio": None, **overrides}
+    return AcceleratedDDIMScheduler.from_config(config, **settings)

@@ -38,7 +38,7 @@ import warnings
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from ..schedule import NoiseSchedule, prediction_target, x0_and_eps
 from .accelerated_ddim import AcceleratedDDIMScheduler
@@ -52,6 +52,7 @@ __all__ = [
     "DDIMDualFastScheduler",
     "DPMSolverMultistepDualFastScheduler",
     "DualFastMixin",
+    "UniPCMultistepDualFastScheduler",
     "dualfast_coefficient",
 ]
 
@@ -161,23 +162,19 @@ class DPMSolverMultistepDualFastScheduler(DualFastMixin, DPMSolverMultistepSched
         return float(alpha_t), float(sigma_t)
 
 
+@_with_dualfast(UniPCMultistepScheduler)
+class UniPCMultistepDualFastScheduler(DualFastMixin, UniPCMultistepScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` with DualFast's correction."""
+
+    def _dualfast_levels(self, timestep: int) -> tuple[float, float]:
+        i = self.step_index if self.step_index is not None else self.index_for_timestep(timestep)
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        return float(alpha_t), float(sigma_t)
+
+
 @_with_dualfast(AcceleratedDDIMScheduler)
 class AcceleratedDDIMDualFastScheduler(DualFastMixin, AcceleratedDDIMScheduler):
     """:class:`~fastdiff.samplers.accelerated_ddim.AcceleratedDDIMScheduler` with DualFast's correction."""
 
     def _dualfast_levels(self, timestep: int) -> tuple[float, float]:
         return self.noise_schedule.alpha(timestep).item(), self.noise_schedule.sigma(timestep).item()
-
-
-def _register() -> None:
-    from .registry import register_sampler
-
-    register_sampler("ddim_dualfast", lambda cfg: DDIMDualFastScheduler.from_config(cfg),
-                     "DDIM + DualFast correction (Yu et al. 2025; fastdiff)")
-    register_sampler("dpmpp_2m_dualfast", lambda cfg: DPMSolverMultistepDualFastScheduler.from_config(
-        cfg, algorithm_type="dpmsolver++", solver_order=2), "DPM-Solver++ 2M + DualFast (fastdiff)")
-    register_sampler("accel_ddim_dualfast", lambda cfg: AcceleratedDDIMDualFastScheduler.from_config(cfg),
-                     "accelerated DDIM + DualFast (fastdiff)")
-
-
-_register()
