@@ -364,14 +364,66 @@ def test_bad_arguments():
         sched.set_timesteps(0)
     with pytest.raises(ValueError, match="num_inference_steps"):
         sched.set_timesteps(1001)
-    with pytest.raises(TypeError, match="num_inference_steps"):
+    with pytest.raises(ValueError, match="num_inference_steps"):
         sched.set_timesteps(10.5)
+    with pytest.raises(TypeError, match="num_inference_steps"):
+        sched.set_timesteps("10")
     with pytest.raises(ValueError, match="decreasing"):
         sched.set_timesteps(timesteps=[500, 999])
     with pytest.raises(ValueError, match=r"\[0, 999\]"):
         sched.set_timesteps(timesteps=[1000, 10])
     sched.set_timesteps(10)
-    with pytest.raises(ValueError, match="not on this scheduler's grid"):
-        sched.step(torch.zeros(1, 4), 998, torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="model_output"):
+        sched.step([torch.zeros(1, 4)], sched.timesteps[0], torch.zeros(1, 4))
     with pytest.raises(ValueError, match="shape"):
         sched.step(torch.zeros(1, 4), sched.timesteps[0], torch.zeros(1, 5))
+
+
+# ------------------------------------------------------------------------------------------ issue 10 regressions
+def test_saturated_schedule_and_ddim_attributes():
+    """Two grid points at sigma == 1 (alphas_cumprod underflows) used to divide by zero."""
+    sched = AcceleratedDDIMScheduler(beta_start=0.01, beta_end=0.2)
+    sched.set_timesteps(10)
+    ddim = DDIMScheduler(beta_start=0.01, beta_end=0.2)
+    for name in ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod"):
+        assert torch.equal(getattr(sched, name), getattr(ddim, name)), name
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps[-3:]:
+        x = sched.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("t", [1, 10, 49, 998])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_off_grid_timestep_is_ddims_step(t, stochastic):
+    """Off the grid: one first-order step to DDIM's previous timestep (DDIM's own step when deterministic)."""
+    cfg = dict(SD_SCHEDULER_CONFIG, clip_sample=False, timestep_spacing="leading")
+    sched = AcceleratedDDIMScheduler.from_config(cfg, stochastic=stochastic)
+    ddim = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(50)
+    ddim.set_timesteps(50)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = torch.randn(3, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = sched.step(eps, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+    if not stochastic:
+        torch.testing.assert_close(out, ddim.step(eps, t, x).prev_sample, rtol=1e-5, atol=1e-6)
+    else:  # a DDPM posterior step to the same point: mean as DDIM with eta = 1, finite noise
+        assert torch.isfinite(out).all() and not torch.allclose(out, ddim.step(eps, t, x).prev_sample)
+
+
+def test_step_counts_and_custom_float_timesteps(oracle, x_T):
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(7.0)  # DDIM accepts a whole float
+    assert len(sched.timesteps) == 7
+    sched.set_timesteps(timesteps=[999.0, 640.5, 300.25, 20.0])
+    assert sched.timesteps.dtype == torch.float64 and sched.timesteps.tolist() == [999.0, 640.5, 300.25, 20.0]
+    ref = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    ref.set_timesteps(timesteps=[999, 640, 300, 20])
+    a = sample_loop(sched, oracle, x_T, timesteps=[999.0, 640.5, 300.25, 20.0])
+    b = sample_loop(ref, oracle, x_T, timesteps=[999, 640, 300, 20])
+    assert torch.isfinite(a).all() and 0 < rms(a, b) < 0.05  # fractional timesteps are used, not truncated
+    offset = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, steps_offset=1, timestep_spacing="leading")
+    with pytest.raises(ValueError, match="steps_offset"):
+        offset.set_timesteps(1000)
+    with pytest.raises(ValueError, match="solver_order"):
+        AcceleratedDDIMScheduler(solver_order=4)

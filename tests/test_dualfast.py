@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fastdiff import AcceleratedDDIMScheduler
 from fastdiff.samplers.dualfast import (
     AcceleratedDDIMDualFastScheduler,
     DDIMDualFastScheduler,
     DPMSolverMultistepDualFastScheduler,
+    UniPCMultistepDualFastScheduler,
     dualfast_coefficient,
 )
 from fastdiff.samplers.registry import available_samplers, make_scheduler
@@ -23,6 +24,7 @@ PAIRS = [
     (DDIMDualFastScheduler, DDIMScheduler, {}),
     (DPMSolverMultistepDualFastScheduler, DPMSolverMultistepScheduler, {"solver_order": 2}),
     (DPMSolverMultistepDualFastScheduler, DPMSolverMultistepScheduler, {"solver_order": 3}),
+    (UniPCMultistepDualFastScheduler, UniPCMultistepScheduler, {}),
     (AcceleratedDDIMDualFastScheduler, AcceleratedDDIMScheduler, {}),
     (AcceleratedDDIMDualFastScheduler, AcceleratedDDIMScheduler, {"stochastic": True}),
 ]
@@ -55,27 +57,92 @@ def test_scale_zero_is_the_base_sampler(cls, base, kw, oracle):
 
 @pytest.mark.parametrize("reference", ["first", "previous"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_correction_formula_on_ddim(reference, prediction_type):
-    """DualFast-DDIM = DDIM run on eps~ = eps_t + c_t (eps_t - eps_tau), eps_tau from the first / previous step."""
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_paper_form_on_ddim(reference, prediction_type, eta):
+    """The paper's DDIM: x_s = alpha_s x0(eps_t) + sqrt(1 - abar_s - std^2) eps_new + std z, eps_new = eps_t +
+    c_t (eps_t - eps_tau), c_t = scale (1 - t / T): x0 keeps the uncorrected prediction."""
     cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     model = make_gaussian_mixture(dim=64, num_components=8, prediction_type=prediction_type)
     eps_model = make_gaussian_mixture(dim=64, num_components=8)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     df = DDIMDualFastScheduler.from_config(cfg, dualfast_scale=0.7, dualfast_reference=reference)
-    base = DDIMScheduler.from_config(dict(cfg, prediction_type="epsilon"))
+    df.set_timesteps(5)
+    abar = df.alphas_cumprod.double()
+    seen = []
+    for t in df.timesteps:
+        ti = int(t)
+        prev = ti - 1000 // 5
+        a_t, a_s = abar[ti], abar[prev] if prev >= 0 else df.final_alpha_cumprod.double()
+        eps = eps_model(x, t)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        c = 0.7 * (1 - ti / 1000)
+        eps_new = eps if not seen else eps + c * (eps - (seen[0] if reference == "first" else seen[-1]))
+        std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(ti), dtype=x.dtype)
+        expected = a_s.sqrt() * x0 + (1 - a_s - std**2).sqrt() * eps_new + std * noise
+        out = df.step(model(x, t), t, x, eta=eta, variance_noise=noise).prev_sample
+        # diffusers' DDIM converts v-predictions with float32 alphas_cumprod: agreement to ~1e-6
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+        seen.append(eps)
+        x = expected
+
+
+BASES = {DDIMDualFastScheduler: DDIMScheduler, DPMSolverMultistepDualFastScheduler: DPMSolverMultistepScheduler,
+         UniPCMultistepDualFastScheduler: UniPCMultistepScheduler,
+         AcceleratedDDIMDualFastScheduler: AcceleratedDDIMScheduler}
+
+
+@pytest.mark.parametrize("cls,kw", [(DPMSolverMultistepDualFastScheduler, {"solver_order": 2}),
+                                    (UniPCMultistepDualFastScheduler, {}),
+                                    (AcceleratedDDIMDualFastScheduler, {})])
+def test_paper_form_adds_the_noise_term_to_the_base_update(cls, kw, oracle):
+    """For every base: DualFast's step = the base class's step from the same state + sigma_s c_t (eps_t - eps_T);
+    UniPC's corrector, which re-derives the current sample from the previous one, re-adds the previous term."""
+    import copy
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    df = cls.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.6, **kw)
+    df.set_timesteps(6)
+    first, previous_term = None, None
+    for i, t in enumerate(df.timesteps):
+        eps = oracle(x, t)  # an epsilon model
+        if hasattr(df, "sigmas"):
+            sigma_s = float(df._sigma_to_alpha_sigma_t(df.sigmas[i + 1])[1])
+        else:
+            sigma_s = df.coefficients.sigma_next[i].item()
+        first = eps if first is None else first
+        term = sigma_s * 0.6 * (1 - int(t) / 1000) * (eps - first)
+        state = copy.deepcopy(df)
+        expected = BASES[cls].step(state, eps, t, x).prev_sample + term
+        if cls is UniPCMultistepDualFastScheduler and previous_term is not None:
+            bare = copy.deepcopy(df)
+            bare._dualfast_pending = None
+            BASES[cls].step(bare, eps, t, x)
+        got = df.step(eps, t, x).prev_sample
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+        if cls is UniPCMultistepDualFastScheduler and previous_term is not None:
+            torch.testing.assert_close(df.last_sample, bare.last_sample + previous_term, rtol=1e-6, atol=1e-9)
+        previous_term = term if i > 0 else None
+        x = got
+
+
+def test_prediction_variant_on_ddim():
+    """fastdiff's earlier variant: DDIM run on eps~ = eps_t + c_t (eps_t - eps_T), c_t = scale t / T."""
+    model = make_gaussian_mixture(dim=64, num_components=8)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    df = DDIMDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.7, dualfast_variant="prediction")
+    base = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
     df.set_timesteps(5)
     base.set_timesteps(5)
     seen = []
     for t in df.timesteps:
-        eps = eps_model(x, t)
-        corrected = eps if not seen else eps + dualfast_coefficient(0.7, int(t), 1000) * (
-            eps - (seen[0] if reference == "first" else seen[-1]))
-        out_df = df.step(model(x, t), t, x).prev_sample
-        out_base = base.step(corrected, t, x).prev_sample
-        # diffusers' DDIM converts v-predictions with float32 alphas_cumprod: agreement to ~1e-7
-        torch.testing.assert_close(out_df, out_base, rtol=1e-5, atol=1e-6)
+        eps = model(x, t)
+        c = dualfast_coefficient(0.7, int(t), 1000, "prediction")
+        corrected = eps if not seen else eps + c * (eps - seen[0])
+        got = df.step(eps, t, x).prev_sample
+        torch.testing.assert_close(got, base.step(corrected, t, x).prev_sample, rtol=1e-6, atol=1e-7)
         seen.append(eps)
-        x = out_base
+        x = got
 
 
 def test_changes_the_trajectory_when_on(oracle):
@@ -86,9 +153,31 @@ def test_changes_the_trajectory_when_on(oracle):
         assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 
-def test_coefficient_decays_along_the_trajectory():
-    cs = [dualfast_coefficient(0.5, t, 1000) for t in (999, 600, 300, 0)]
-    assert cs == sorted(cs, reverse=True) and cs[-1] == 0.0 and cs[0] == pytest.approx(0.4995)
+def test_coefficient_schedules():
+    paper = [dualfast_coefficient(0.5, t, 1000) for t in (999, 600, 300, 0)]
+    assert paper == sorted(paper) and paper[-1] == 0.5 and paper[0] == pytest.approx(0.0005)  # grows toward t = 0
+    old = [dualfast_coefficient(0.5, t, 1000, "prediction") for t in (999, 600, 300, 0)]
+    assert old == sorted(old, reverse=True) and old[-1] == 0.0 and old[0] == pytest.approx(0.4995)
+
+
+@pytest.mark.parametrize("cls", [DDIMDualFastScheduler, DPMSolverMultistepDualFastScheduler,
+                                 UniPCMultistepDualFastScheduler, AcceleratedDDIMDualFastScheduler])
+def test_custom_timesteps_pass_through_pipelines(cls):
+    """diffusers' retrieve_timesteps inspects set_timesteps for `timesteps` / `sigmas`: same answer as the base."""
+    import inspect
+
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    base = {DDIMDualFastScheduler: DDIMScheduler, DPMSolverMultistepDualFastScheduler: DPMSolverMultistepScheduler,
+            UniPCMultistepDualFastScheduler: UniPCMultistepScheduler,
+            AcceleratedDDIMDualFastScheduler: AcceleratedDDIMScheduler}[cls]
+    for kind in ("timesteps", "sigmas"):
+        assert (kind in inspect.signature(cls.set_timesteps).parameters) == (
+            kind in inspect.signature(base.set_timesteps).parameters)
+    if "timesteps" in inspect.signature(cls.set_timesteps).parameters:
+        sched = cls.from_config(SD_SCHEDULER_CONFIG)
+        ts, n = retrieve_timesteps(sched, timesteps=[999, 700, 400, 100])
+        assert n == 4 and ts.tolist()[:4] == [999, 700, 400, 100]
 
 
 @pytest.mark.parametrize("cls", [DDIMDualFastScheduler, DPMSolverMultistepDualFastScheduler,
@@ -137,7 +226,7 @@ def test_drop_in_pipeline():
 
 
 def test_warns_below_five_steps():
-    sched = DPMSolverMultistepDualFastScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched = DPMSolverMultistepDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_variant="prediction")
     with pytest.warns(UserWarning, match="below 5 steps"):
         sched.set_timesteps(3)
     DPMSolverMultistepDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.0).set_timesteps(3)
@@ -145,7 +234,8 @@ def test_warns_below_five_steps():
 
 def test_registered_names():
     names = available_samplers()
-    for name in ("accel_ddim", "accel_ddpm", "ddim_dualfast", "dpmpp_2m_dualfast", "accel_ddim_dualfast"):
+    for name in ("accel_ddim", "accel_ddpm", "ddim_dualfast", "dpmpp_2m_dualfast", "unipc_dualfast",
+                 "accel_ddim_dualfast"):
         assert name in names
         make_scheduler(name, SD_SCHEDULER_CONFIG)
 
@@ -159,3 +249,9 @@ def test_bad_arguments():
         DDIMDualFastScheduler(dualfast_scale="0.5")
     with pytest.raises(ValueError, match="dualfast_reference"):
         DPMSolverMultistepDualFastScheduler(dualfast_reference="last")
+    with pytest.raises(ValueError, match="dualfast_variant"):
+        UniPCMultistepDualFastScheduler(dualfast_variant="v2")
+    sched = DDIMDualFastScheduler()
+    sched.set_timesteps(5)
+    with pytest.raises(TypeError, match="model_output"):
+        sched.step([torch.zeros(1, 4)], sched.timesteps[0], torch.zeros(1, 4))

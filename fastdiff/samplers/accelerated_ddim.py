@@ -87,6 +87,7 @@ SOLVER_SPACES = ("noise", "data")
 INTERPOLATIONS = ("sigma", "alphas_cumprod", "log_snr")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("posterior", "beta")
+SOLVER_ORDERS = (1, 2)
 # DDPMScheduler's variance_type values -> the variance the stochastic sampler uses ("learned*" are unsupported)
 VARIANCE_TYPES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta",
                   "fixed_large_log": "beta"}
@@ -113,6 +114,7 @@ class StepCoefficients:
         deterministic:  x_{i+1} = alpha_next[i] x0_i + sigma_next[i] eps_i + correction[i] (d_i - d_{i-1})
         stochastic:     x_{i+1} = alpha_next[i] x0_i + eps_scale[i] eps_i + noise_std[i] z_i,   z_i ~ N(0, I)
 
+    ``weights`` (``[N, 2]``) holds the same correction as weights on ``(d_i, d_{i-1})``: ``(C, -C)``;
     ``correction[0] == 0``. ``noise_std[i]`` already contains the pre-evaluation noise of step ``i + 1``. All
     tensors are float64 of length ``N``.
     """
@@ -123,6 +125,10 @@ class StepCoefficients:
     eps_scale: torch.Tensor
     noise_std: torch.Tensor
     space: str
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.stack([self.correction, -self.correction], 1)
 
     def to(self, device: torch.device | str | None) -> StepCoefficients:
         moved = {k: getattr(self, k).to(device) for k in ("alpha_next", "sigma_next", "correction", "eps_scale",
@@ -181,6 +187,7 @@ def accelerated_step_coefficients(
     lower_order_final: bool = False,
     variance: str = "posterior",
     max_step_ratio: float | None = 3.0,
+    solver_order: int = 2,
 ) -> StepCoefficients:
     """Coefficients of the accelerated DDIM / DDPM update on a grid (see the module docstring for the math).
 
@@ -194,6 +201,7 @@ def accelerated_step_coefficients(
         interpolation: the variable the prediction is linear in: ``"alphas_cumprod"`` (the paper),
             ``"sigma"`` or ``"log_snr"``.
         lower_order_final: make the last step a DDIM step.
+        solver_order: ``2`` the accelerated update, ``1`` DDIM (every correction zero).
         max_step_ratio: where the step ahead is more than this many times the step behind, measured in the
             interpolation variable, extrapolate in log-SNR instead (``None``: never).
         variance: the stochastic sampler's per-step noise variance: ``"posterior"`` (DDPM's "fixed_small",
@@ -203,6 +211,8 @@ def accelerated_step_coefficients(
     _check_choice("solver_space", solver_space, SOLVER_SPACES)
     _check_choice("variance", variance, VARIANCES)
     _check_choice("interpolation", interpolation, INTERPOLATIONS)
+    if isinstance(solver_order, bool) or solver_order not in SOLVER_ORDERS:
+        raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
     if schedule.kind != "vp":
         raise ValueError("the accelerated DDIM sampler needs a VP (DDPM-family) noise schedule")
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
@@ -228,12 +238,14 @@ def accelerated_step_coefficients(
         posterior = max(s_s * s_s - ratio * ratio, 0.0)
         var.append(posterior if variance == "posterior" or i == n - 1 else 1.0 - (a_t / a_s) ** 2)
         eps_scale.append(ratio)
-        correction.append(0.0 if i == 0 or (lower_order_final and i == n - 1) else
+        first_order = solver_order == 1 or i == 0 or (lower_order_final and i == n - 1)
+        correction.append(0.0 if first_order else
                           _correction(solver_space, interpolation, points[i - 1], points[i], points[i + 1],
                                       max_step_ratio))
     for i in range(n):  # post-noise of step i (all of it on the first step) + pre-noise of step i + 1
         post = var[i] if i == 0 else var[i] / 2
-        pre_next = (points[i + 1].alpha / points[i + 2].alpha) ** 2 * var[i + 1] / 2 if i + 1 < n else 0.0
+        pre_next = ((points[i + 1].alpha / points[i + 2].alpha) ** 2 * var[i + 1] / 2
+                    if i + 1 < n and points[i + 2].alpha > 0 else 0.0)
         noise_std.append(math.sqrt(post + pre_next))
     alpha_next = [p.alpha for p in points[1:]]
     sigma_next = [p.sigma for p in points[1:]]
@@ -249,8 +261,8 @@ def _correction(space: str, interpolation: str, p: _Point, t: _Point, s: _Point,
                 max_step_ratio: float | None = None) -> float:
     """``C`` of the module docstring for the step ``t -> s`` with previous grid point ``p``."""
     r_p, r_t = _interpolation_variable(interpolation, p), _interpolation_variable(interpolation, t)
-    if not math.isfinite(r_p) or not math.isfinite(r_t) or t.alpha == 0 or t.sigma == 0:
-        return 0.0  # zero-SNR point: no finite slope, fall back to DDIM for this step
+    if not math.isfinite(r_p) or not math.isfinite(r_t) or t.alpha == 0 or t.sigma == 0 or r_t == r_p:
+        return 0.0  # zero-SNR point or no resolvable slope (saturated schedule): DDIM for this step
     if max_step_ratio is not None and interpolation != "log_snr":
         r_s = _interpolation_variable(interpolation, s)
         if abs(r_s - r_t) > max_step_ratio * abs(r_t - r_p):  # ill-conditioned: extrapolate in log-SNR
@@ -297,11 +309,19 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
 
         pipe.scheduler = AcceleratedDDIMScheduler.from_config(pipe.scheduler.config)
 
-    The first block of arguments is DDIM's and means the same. ``timestep_spacing`` /
-    ``set_timesteps(timesteps=...)`` choose the grid; the update uses the actual next grid point, so it is exact
-    on non-uniform and custom grids. Schedule math comes from :class:`fastdiff.schedule.NoiseSchedule`.
+    The first block of arguments is DDIM's and means the same; ``betas``, ``alphas``, ``alphas_cumprod`` and
+    ``final_alpha_cumprod`` are DDIM's (computed by diffusers' own ``DDIMScheduler`` from the same config, so
+    every beta schedule diffusers implements works). ``timestep_spacing`` / ``set_timesteps(timesteps=...)``
+    choose the grid (custom timesteps may be fractional); the update uses the actual next grid point, so it is
+    exact on non-uniform and custom grids. Schedule math comes from :class:`fastdiff.schedule.NoiseSchedule`.
+
+    **Off-grid timesteps** (DDIM's behaviour, which diffusers' scheduler tests exercise): ``step`` at a
+    timestep that is not on the grid takes one first-order step (a DDIM step; a DDPM posterior step when
+    ``stochastic``) to ``t - num_train_timesteps // num_inference_steps`` (DDIM's previous timestep; clean data
+    or ``alphas_cumprod[0]`` when that is negative) and does not enter the multistep history.
 
     Args (beyond DDIM's):
+        solver_order: ``2`` (default) the accelerated update; ``1`` is DDIM / DDPM step for step.
         solver_space: ``"noise"`` (default; the paper's) extrapolates the eps prediction, ``"data"`` the x0
             prediction.
         interpolation: the variable the prediction is extrapolated linearly in: ``"sigma"`` (default),
@@ -335,6 +355,7 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         sample_max_value: float = 1.0,
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
+        solver_order: int = 2,
         solver_space: Literal["noise", "data"] = "noise",
         interpolation: Literal["sigma", "alphas_cumprod", "log_snr"] = "sigma",
         lower_order_final: bool = False,
@@ -349,79 +370,88 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("solver_space", solver_space, SOLVER_SPACES)
         _check_choice("interpolation", interpolation, INTERPOLATIONS)
+        if isinstance(solver_order, bool) or solver_order not in SOLVER_ORDERS:
+            raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
         if max_step_ratio is not None and (isinstance(max_step_ratio, bool) or not max_step_ratio > 0):
             raise ValueError(f"max_step_ratio must be a number > 0 or None, got {max_step_ratio!r}")
         if stochastic and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {tuple(VARIANCE_TYPES)} for the stochastic sampler, "
                              f"got {variance_type!r}")
-        self.noise_schedule = NoiseSchedule.from_config(self.config)
-        if self.noise_schedule.kind != "vp":
-            raise ValueError("AcceleratedDDIMScheduler needs a DDPM-family (VP) config, not a flow-matching one")
-        self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
+        # DDIM's schedule, computed by diffusers itself from the same arguments (one source of truth for betas)
+        ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                             beta_schedule=beta_schedule, trained_betas=trained_betas,
+                             set_alpha_to_one=set_alpha_to_one, rescale_betas_zero_snr=rescale_betas_zero_snr)
+        self.betas, self.alphas, self.alphas_cumprod = ddim.betas, ddim.alphas, ddim.alphas_cumprod
+        self.final_alpha_cumprod = ddim.final_alpha_cumprod
+        self.noise_schedule = _schedule_of(self.alphas_cumprod)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.coefficients: StepCoefficients | None = None
-        self._previous: tuple[int, torch.Tensor] | None = None  # (step index, prediction d at that index)
+        self._history: list[tuple[int, torch.Tensor]] = []  # (step index, prediction d), newest first
 
     # -------------------------------------------------------------------------------------------- grid
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
+        timesteps: Sequence[float] | None = None,
     ) -> None:
         """Build the sampling grid from ``num_inference_steps`` (with ``timestep_spacing``) or custom ``timesteps``.
 
-        Custom ``timesteps`` are integers, strictly decreasing, in ``[0, num_train_timesteps)``.
+        Custom ``timesteps`` are numbers (integers, or fractional training timesteps, kept as given), strictly
+        decreasing, in ``[0, num_train_timesteps - 1]``.
         """
         big_t = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
         if timesteps is not None:
-            ts = np.asarray([int(t) for t in timesteps], dtype=np.int64)
-            if ts.ndim != 1 or ts.size == 0:
-                raise ValueError("`timesteps` must be a non-empty list of integers")
-            if np.any(ts[1:] >= ts[:-1]):
-                raise ValueError("`timesteps` must be strictly decreasing")
-            if ts[0] >= big_t or ts[-1] < 0:
-                raise ValueError(f"`timesteps` must lie in [0, {big_t - 1}]")
+            ts = _custom_timesteps(timesteps, big_t)
         else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
-                raise TypeError(f"`num_inference_steps` must be an int, got {type(num_inference_steps).__name__}")
-            if not 1 <= num_inference_steps <= big_t:
-                raise ValueError(f"`num_inference_steps` must be in [1, {big_t}] (num_train_timesteps), "
-                                 f"got {num_inference_steps}")
-            ts = spaced_timesteps(num_inference_steps, big_t, self.config.timestep_spacing, self.config.steps_offset)
-            ts = np.unique(np.clip(ts, 0, big_t - 1))[::-1].copy()  # steps_offset can push "leading" past T-1
+            n = _step_count(num_inference_steps, big_t)
+            ts = spaced_timesteps(n, big_t, self.config.timestep_spacing, self.config.steps_offset)
+            if ts.max() > big_t - 1 or ts.min() < 0:
+                raise ValueError(f"num_inference_steps={n} with steps_offset={self.config.steps_offset} and "
+                                 f"timestep_spacing={self.config.timestep_spacing!r} puts timesteps outside "
+                                 f"[0, {big_t - 1}]; lower steps_offset or num_inference_steps")
         cfg = self.config
-        # DDIM's final step lands on alpha^2 = 1 (set_alpha_to_one) or on alphas_cumprod[0], i.e. timestep 0
-        final = None if cfg.set_alpha_to_one else 0
         self.num_inference_steps = len(ts)
         self.timesteps = torch.from_numpy(ts).to(device)
         self.coefficients = accelerated_step_coefficients(
-            self.noise_schedule, ts.tolist(), final, solver_space=cfg.solver_space,
-            interpolation=cfg.interpolation, lower_order_final=cfg.lower_order_final,
+            self.noise_schedule, ts.tolist(), self._final_timestep, solver_space=cfg.solver_space,
+            interpolation=cfg.interpolation, lower_order_final=cfg.lower_order_final, solver_order=cfg.solver_order,
             variance=VARIANCE_TYPES.get(cfg.variance_type, "posterior"), max_step_ratio=cfg.max_step_ratio)
-        self._previous = None
+        self._history = []
+
+    @property
+    def _final_timestep(self) -> float | None:
+        """DDIM's last step lands on alpha^2 = 1 (``set_alpha_to_one``, ``None`` here) or ``alphas_cumprod[0]``."""
+        return None if self.config.set_alpha_to_one else 0
 
     # -------------------------------------------------------------------------------------------- step
-    def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
-        t = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-        hits = (self.timesteps == t).nonzero()
-        if hits.numel() == 0:
-            raise ValueError(f"timestep {t} is not on this scheduler's grid; call set_timesteps first "
-                             f"(grid: {self.timesteps.tolist()})")
-        return int(hits[0].item())
+    def index_for_timestep(self, timestep: float | torch.Tensor) -> int | None:
+        """The grid index of ``timestep``, or ``None`` when it is not on the grid."""
+        t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        hits = (self.timesteps.cpu().double() == t).nonzero()
+        return int(hits[0].item()) if hits.numel() else None
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """Identity: the model takes ``x_t`` unscaled (VP schedule)."""
         return sample
+
+    def _off_grid_coefficients(self, t: float) -> StepCoefficients:
+        """One first-order step from an off-grid ``t`` to DDIM's previous timestep (class docstring)."""
+        prev = t - self.config.num_train_timesteps // self.num_inference_steps
+        end = self._final_timestep if prev < 0 else prev
+        if end is not None and end >= t:  # t below the end point (e.g. t = 0 with set_alpha_to_one=False)
+            end = None if self.config.set_alpha_to_one else t
+        return accelerated_step_coefficients(self.noise_schedule, [t], end, solver_order=1,
+                                             variance=VARIANCE_TYPES.get(self.config.variance_type, "posterior"))
 
     def step(
         self,
         model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
+        timestep: float | torch.Tensor,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
@@ -430,13 +460,18 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
 
         Returns ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` (or a tuple when ``return_dict=False``).
         """
+        for name, value in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
         if self.coefficients is None:
             raise ValueError("call `set_timesteps` before `step`")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
                              f"{tuple(sample.shape)}")
-        i = self.index_for_timestep(timestep)
-        t = int(self.timesteps[i].item())
+        t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        i = self.index_for_timestep(t)
+        c = self.coefficients if i is not None else self._off_grid_coefficients(t)
+        k = 0 if i is None else i  # row of c
         dtype = sample.dtype
         x = sample.float() if dtype in (torch.float16, torch.bfloat16) else sample
         out = model_output.to(x.dtype)
@@ -445,16 +480,19 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.thresholding or self.config.clip_sample:
             x0 = self._clip(x0)
             eps = x0_and_eps(x0, x, alpha_t, sigma_t, "sample")[1] if sigma_t > 0 else eps
-        c = self.coefficients
         if self.config.stochastic:
             noise = randn_tensor(sample.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
-            prev = c.alpha_next[i].item() * x0 + c.eps_scale[i].item() * eps + c.noise_std[i].item() * noise
+            prev = c.alpha_next[k].item() * x0 + c.eps_scale[k].item() * eps + c.noise_std[k].item() * noise
         else:
-            prev = c.alpha_next[i].item() * x0 + c.sigma_next[i].item() * eps
-            d = eps if c.space == "noise" else x0
-            if self._previous is not None and self._previous[0] == i - 1 and c.correction[i].item() != 0.0:
-                prev = prev + c.correction[i].item() * (d - self._previous[1])
-            self._previous = (i, d)
+            prev = c.alpha_next[k].item() * x0 + c.sigma_next[k].item() * eps
+            if i is not None:
+                d = eps if c.space == "noise" else x0
+                weights = c.weights[i].tolist()
+                self._history = ([(i, d)] + self._history)[: len(weights)]
+                # a broken history (steps skipped or repeated) makes this step first order
+                if any(weights) and [h[0] for h in self._history] == [i - j for j in range(len(weights))]:
+                    for w, (_, d_j) in zip(weights, self._history):
+                        prev = prev + w * d_j
         prev, x0 = prev.to(dtype), x0.to(dtype)
         if not return_dict:
             return (prev, x0)
@@ -484,6 +522,43 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _schedule_of(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
+    """The :class:`NoiseSchedule` of a DDIM ``alphas_cumprod``. A beta schedule with betas above 1 (diffusers'
+    tests use ``beta_end=2``) gives values outside ``[0, 1]`` or increasing, on which DDIM itself computes NaN;
+    those are clamped to ``[0, 1]`` and made non-increasing (a documented fallback, finite where DDIM is not)."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(0.0, 1.0).cummin(0).values
+    return NoiseSchedule.from_alphas_cumprod(ac)
+
+
+def _step_count(num_inference_steps: object, num_train_timesteps: int) -> int:
+    """``num_inference_steps`` as an int (integral floats accepted, as DDIM does), checked."""
+    value = num_inference_steps
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`num_inference_steps` must be an int, got {type(value).__name__}")
+    if not float(value).is_integer():
+        raise ValueError(f"`num_inference_steps` must be a whole number, got {value}")
+    n = int(value)
+    if not 1 <= n <= num_train_timesteps:
+        raise ValueError(f"`num_inference_steps` must be in [1, {num_train_timesteps}] (num_train_timesteps), "
+                         f"got {n}")
+    return n
+
+
+def _custom_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> np.ndarray:
+    """Custom ``timesteps`` checked: numbers, strictly decreasing, in range; int64 when all are whole."""
+    if isinstance(timesteps, str | bytes) or not hasattr(timesteps, "__len__"):
+        raise TypeError(f"`timesteps` must be a sequence of numbers, got {type(timesteps).__name__}")
+    ts = np.asarray([float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)],
+                    dtype=np.float64)
+    if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
+        raise ValueError("`timesteps` must be a non-empty list of finite numbers")
+    if np.any(ts[1:] >= ts[:-1]):
+        raise ValueError("`timesteps` must be strictly decreasing")
+    if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
+        raise ValueError(f"`timesteps` must lie in [0, {num_train_timesteps - 1}]")
+    return ts.astype(np.int64) if np.all(ts == np.round(ts)) else ts
 
 
 # ------------------------------------------------------------------------------------------------------------
