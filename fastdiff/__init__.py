@@ -1,11 +1,12 @@
 """fastdiff: faster sampling and training of diffusion models inside Hugging Face diffusers.
 
-The public API is re-exported here and imported lazily, so ``import fastdiff`` stays cheap.
+The public API is re-exported here and imported lazily, so ``import fastdiff`` stays cheap; the
+subpackages (``fastdiff.training``, ``fastdiff.samplers``, ...) are attributes without an import of their own.
 """
 
 from __future__ import annotations
 
-from fastdiff._package import lazy_exports
+from fastdiff._package import lazy_exports, subpackages
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,10 @@ _EXPORTS = {
     "diffusion_loss": "fastdiff.training.weighting",
 }
 
+# subpackages resolve as attributes too (``fastdiff.training.diffusion_loss`` after a bare ``import fastdiff``)
+_SUBPACKAGES = subpackages(__path__)
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-__getattr__, __dir__ = lazy_exports(globals(), "fastdiff", _EXPORTS)
+__getattr__, __dir__ = lazy_exports(globals(), "fastdiff", _EXPORTS, _SUBPACKAGES)

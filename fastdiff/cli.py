@@ -1,6 +1,10 @@
-"""The ``fastdiff`` command: ``compare``, ``sample``, ``train``, ``bench``.
+"""The ``fastdiff`` command: ``compare``, ``sample``, ``samplers``, ``train``, ``bench``.
 
 With no model given every command runs on the embedded digits model, offline, on the CPU.
+
+Arguments are checked before torch and diffusers are imported (a typo fails at once, ``fastdiff samplers``
+lists without them); Ctrl-C prints one line and exits with status 130 (``compare`` first writes the
+cells finished so far, ``train`` a checkpoint).
 """
 
 from __future__ import annotations
@@ -8,21 +12,65 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+# the benchmark scripts live in the source repository, next to the package; a wheel does not ship them
+REPOSITORY = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = REPOSITORY / "benchmarks"
+BENCHMARKS_HINT = "the benchmarks/ folder of a fastdiff source checkout (git clone, then `pip install -e .`)"
 
 
-def _int_list(text: str) -> list[int]:
+def _int_at_least(minimum: int, what: str = "an integer", why: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}{why}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _step_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts >= 1, e.g. 5,10,20; got {text!r}")
+    return values
 
 
 def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sampler names (see `fastdiff samplers`), "
+                                         f"got {text!r}")
+    return names
+
+
+def _check_samplers(names: Sequence[str]) -> None:
+    """Unknown names fail here, before torch is imported (the registry imports neither torch nor diffusers)."""
+    from .samplers.registry import sampler_spec
+
+    for name in names:
+        sampler_spec(name)
+
+
+def _check_writable_dir(folder: str | Path, option: str) -> Path:
+    """Create ``folder`` and check a file can be written in it, so a bad path fails before any sampling."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {str(folder)!r} is not a writable directory: {err.strerror or err}") from err
+    return folder
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -44,16 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", type=_name_list, default=None,
                    help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,euler,accel_ddim,dpmpp_2m_dualfast); "
                         "see `fastdiff samplers`")
-    p.add_argument("--steps", type=_int_list, default=None, help="comma-separated step counts (default: 5,10,20)")
-    p.add_argument("--num-images", type=int, default=None, help="images per cell (default: 100)")
+    p.add_argument("--steps", type=_step_list, default=None, help="comma-separated step counts (default: 5,10,20,50)")
+    p.add_argument("--num-images", type=_int_at_least(2, "an image count", " (FD needs two)"), default=None,
+                   help="images per cell, >= 2 (default: 100)")
     p.add_argument("--out", default="fastdiff-out/compare", help="output folder (default: fastdiff-out/compare)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
 
     p = sub.add_parser("sample", help="sample a grid of digits with one sampler and save a PNG")
     p.add_argument("--sampler", default="ddim", help="sampler name (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default: 50)")
-    p.add_argument("--per-class", type=int, default=8, help="images per digit class (default: 8)")
+    p.add_argument("--steps", type=_int_at_least(1, "a step count"), default=50, help="inference steps (default: 50)")
+    p.add_argument("--per-class", type=_int_at_least(1, "an image count"), default=8,
+                   help="images per digit class (default: 8)")
     p.add_argument("--out", default="fastdiff-out/samples.png", help="output PNG")
     _add_common(p)
 
@@ -62,48 +112,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (see `fastdiff train --help`)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (writes benchmarks/results/)")
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ of a source checkout "
+                                     "(writes benchmarks/results/)")
     p.add_argument("name", nargs="?", help="benchmark name, e.g. few_step; omit to list them")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace) -> int:
+    if args.samplers is not None:
+        _check_samplers(args.samplers)
+    out = _check_writable_dir(args.out, "--out")
     from rich.console import Console
 
-    from .compare import (
-        DEFAULT_NUM_IMAGES,
-        DEFAULT_SAMPLERS,
-        DEFAULT_STEPS,
-        render_table,
-        run_compare,
-        save_outputs,
-    )
+    from .compare import render_table, run_compare, save_outputs
 
     console = Console()
-    result, images = run_compare(
-        args.samplers or list(DEFAULT_SAMPLERS), args.steps or list(DEFAULT_STEPS),
-        num_images=args.num_images or DEFAULT_NUM_IMAGES, guidance_scale=args.guidance_scale, seed=args.seed,
-        tgate=args.tgate, tgate_cond_weight=args.tgate_cond_weight, device=args.device,
-        progress=not args.no_progress,
-    )
+    given = {"samplers": args.samplers, "steps": args.steps, "num_images": args.num_images}  # else compare's defaults
+    try:
+        result, images = run_compare(
+            **{k: v for k, v in given.items() if v is not None}, guidance_scale=args.guidance_scale, seed=args.seed,
+            tgate=args.tgate, tgate_cond_weight=args.tgate_cond_weight, device=args.device,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt as stop:  # compare.CompareInterrupted carries the finished cells
+        result, images = getattr(stop, "result", None), getattr(stop, "images", None)
+        if result is None or not result.cells:
+            print("fastdiff compare: interrupted before any cell finished; nothing written", file=sys.stderr)
+        else:
+            paths = save_outputs(result, images or {}, out)
+            print(f"fastdiff compare: interrupted; wrote the {len(result.cells)} finished cell(s) to {paths['json']}",
+                  file=sys.stderr)
+        return 130
     console.print(render_table(result))
-    paths = save_outputs(result, images, args.out)
-    note = result.settings["metric_note"]
+    paths = save_outputs(result, images, out)
+    note = result.settings.get("metric_note")
     console.print(f"metric: {result.cells[0].metric}" + (f" ({note})" if note else ""))
     console.print(f"wrote {paths['json']}, {paths['plot']}, {paths['grid']}")
+    return 0
 
 
 def _sample(args: argparse.Namespace) -> None:
+    _check_samplers([args.sampler])
+    out = Path(args.out)
+    _check_writable_dir(out.parent, "--out's folder")
     import torch
 
     from .models.digits import _check_device, load_embedded_pipeline
     from .samplers.registry import make_scheduler
 
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     pipe = load_embedded_pipeline(_check_device(args.device))
     pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
     if args.tgate is not None:
@@ -116,8 +173,6 @@ def _sample(args: argparse.Namespace) -> None:
                   output_type="pt", **kwargs).images.cpu()
     rows = images[:, 0].reshape(10, args.per_class, *images.shape[2:])
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
     Image.fromarray((grid.numpy() * 255).round().astype("uint8")).resize(
@@ -126,9 +181,12 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    scripts = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py")) if BENCHMARKS_DIR.is_dir() else []
+    scripts = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py")) if (REPOSITORY / "pyproject.toml").is_file() else []
+    if not scripts:
+        raise FileNotFoundError(f"no benchmark scripts next to this fastdiff ({REPOSITORY}): they are not part of "
+                                f"the installed package; run `fastdiff bench` from {BENCHMARKS_HINT}")
     if not args.name:
-        print("benchmarks:", ", ".join(scripts) if scripts else "(none found: run from a source checkout)")
+        print("benchmarks:", ", ".join(scripts))
         return 0
     if args.name not in scripts:
         raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(scripts) or 'none'}")
@@ -142,11 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "train" if args is None else args.command
     try:
         if command == "train":
-            from .training.train import main as train_main
+            from .training.config import load_config
 
-            train_main(argv[1:])
+            cfg = load_config(None, argv[1:])  # --help and config errors before torch is imported
+            from .training.train import run
+
+            run(cfg)
         elif command == "compare":
-            _compare(args)
+            return _compare(args)
         elif command == "sample":
             _sample(args)
         elif command == "samplers":
@@ -159,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"fastdiff {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

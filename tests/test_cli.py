@@ -1,7 +1,12 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import fastdiff.compare
 from fastdiff.cli import main
 from fastdiff.compare import run_compare
 
@@ -37,23 +42,101 @@ def test_compare_is_reproducible_and_more_steps_help(compare_run):
     assert ddim[4] < ddim[2]
 
 
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """``fastdiff argv`` in-process: (exit status, stderr); argparse's own errors exit with 2 too."""
+    try:
+        rc = main(argv)
+    except SystemExit as exit_info:
+        rc = exit_info.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if any sampling starts: bad arguments must be refused before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("run_compare was called")
+
+    monkeypatch.setattr(fastdiff.compare, "run_compare", refuse)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["compare", "--samplers", "nope"], "unknown sampler 'nope'; available samplers: "),
-        (["compare", "--steps", "0"], "steps must be integers >= 1"),
-        (["compare", "--device", "cuda:7"], "device 'cuda:7'"),
-        (["compare", "--device", "banana"], "device must be a torch device"),
-        (["compare", "--num-images", "1"], "num_images must be an int >= 2"),
-        (["compare", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
-        (["sample", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
-        (["sample", "--steps", "0"], "--steps must be >= 1"),
-        (["sample", "--sampler", "nope"], "unknown sampler"),
+        (["compare", "--samplers", ""], "argument --samplers: expected comma-separated sampler names"),
+        (["compare", "--samplers", " , "], "argument --samplers: expected comma-separated sampler names"),
+        (["compare", "--steps", "0"], "argument --steps: expected comma-separated step counts >= 1"),
+        (["compare", "--steps", ""], "argument --steps: expected comma-separated step counts >= 1"),
+        (["compare", "--steps", "5,x"], "argument --steps: expected comma-separated step counts >= 1"),
+        (["compare", "--num-images", "0"], "argument --num-images: expected an image count >= 2 (FD needs two)"),
+        (["compare", "--num-images", "1"], "argument --num-images: expected an image count >= 2"),
+        (["sample", "--steps", "0"], "argument --steps: expected a step count >= 1, got '0'"),
+        (["sample", "--per-class", "0"], "argument --per-class: expected an image count >= 1"),
+        (["sample", "--sampler", "nope"], "unknown sampler 'nope'"),
     ],
 )
-def test_bad_arguments_fail_clearly(argv, message, capsys):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments_fail_clearly_before_any_work(argv, message, capsys, no_work):
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--device", "cuda:7"], "device 'cuda:7'"),
+        (["compare", "--device", "banana"], "device must be a torch device"),
+        (["compare", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
+        (["sample", "--tgate", "3", "--tgate-cond-weight", "-1"], "cond_weight must be >= 0"),
+    ],
+)
+def test_bad_values_fail_clearly(argv, message, capsys):
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and message in err
+
+
+def test_an_unwritable_out_fails_before_sampling(tmp_path, capsys, no_work):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc, err = run_cli(["compare", "--samplers", "ddim", "--steps", "2", "--out", str(blocker / "out")], capsys)
+    assert rc == 2 and f"--out '{blocker / 'out'}' is not a writable directory" in err
+    rc, err = run_cli(["sample", "--out", str(blocker / "grid.png")], capsys)
+    assert rc == 2 and "--out's folder" in err and "is not a writable directory" in err
+
+
+def _interrupting_run_compare(finished: bool):
+    """run_compare as it behaves on Ctrl-C: ``CompareInterrupted`` with the cells done so far (or a bare
+    KeyboardInterrupt before any finished)."""
+    real = fastdiff.compare.run_compare
+
+    def fake(samplers, steps, **kwargs):
+        if not finished:
+            raise KeyboardInterrupt
+        kwargs.update(num_images=4)
+        result, images = real(samplers[:1], steps[:1], **kwargs)
+        interrupted = getattr(fastdiff.compare, "CompareInterrupted", None)
+        if interrupted is not None:
+            raise interrupted(result, images)
+        stop = KeyboardInterrupt()  # the same contract before compare.CompareInterrupted exists
+        stop.result, stop.images = result, images
+        raise stop
+
+    return fake
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_ctrl_c_during_compare_writes_the_finished_cells_and_exits_130(tmp_path, capsys, monkeypatch, finished):
+    monkeypatch.setattr(fastdiff.compare, "run_compare", _interrupting_run_compare(finished))
+    argv = ["compare", "--samplers", "ddim,euler", "--steps", "2,3", "--out", str(tmp_path), "--no-progress"]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 130 and len(err.strip().splitlines()) == 1
+    if finished:
+        cells = json.loads((tmp_path / "compare.json").read_text())["cells"]
+        assert [(c["sampler"], c["steps"]) for c in cells] == [("ddim", 2)]
+        assert f"interrupted; wrote the 1 finished cell(s) to {tmp_path / 'compare.json'}" in err
+    else:
+        assert "interrupted before any cell finished; nothing written" in err
+        assert not (tmp_path / "compare.json").exists()
 
 
 def test_sample_writes_png(tmp_path):
@@ -62,6 +145,41 @@ def test_sample_writes_png(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (2 * 16 * 4, 10 * 16 * 4)
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """Top-level names of the modules a ``PYTHONPROFILEIMPORTTIME=1`` process imported."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def _console_script() -> list[str]:
+    script = Path(sys.executable).with_name("fastdiff")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fastdiff"]
+
+
+@pytest.mark.parametrize(
+    "argv, rc, message, heavy",
+    [
+        (["samplers"], 0, "dpmpp_2m", False),
+        (["compare", "--samplers", "nope"], 2, "unknown sampler 'nope'", False),
+        (["compare", "--num-images", "0"], 2, "expected an image count >= 2", False),
+        (["compare", "--out", "/dev/null/out"], 2, "is not a writable directory", False),
+        (["sample", "--sampler", "nope"], 2, "unknown sampler 'nope'", False),
+        (["train", "--config", "nope"], 2, "'nope' is neither a file nor a shipped config", False),
+        (["compare", "--device", "banana"], 2, "device must be a torch device", True),  # the check can see torch
+    ],
+)
+def test_console_script_answers_before_importing_torch(argv, rc, message, heavy):
+    """The real `fastdiff` script in a fresh process: listing and argument errors import neither torch nor
+    diffusers (checked in the import log, not by timing)."""
+    result = subprocess.run([*_console_script(), *argv], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == rc, result.stderr[-2000:]
+    assert message in result.stdout + result.stderr
+    imported = _imported_modules(result.stderr)
+    assert "fastdiff" in imported
+    assert bool(imported & {"torch", "diffusers"}) == heavy
 
 
 def test_samplers_lists_the_baselines(capsys):

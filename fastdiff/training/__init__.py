@@ -3,7 +3,7 @@
 * :func:`diffusion_loss` / :func:`loss_weight` / :func:`sample_timesteps` (Hang et al. 2023, Min-SNR-gamma)
 * :class:`REPA` (Yu et al. 2025) and :class:`TeacherAlignment` / :class:`StageWiseTermination` for HASTE
   (Wang et al. 2025)
-* :func:`main` (``python -m fastdiff.training.train --config configs/digits_dit.yaml``); the loop itself is
+* :func:`main` (``python -m fastdiff.training.train --config digits_dit``); the loop itself is
   ``fastdiff.training.train.train(config)`` (the submodule ``train`` shadows a package-level function name)
 
 Names are imported lazily so ``import fastdiff.training`` does not pull in accelerate.
@@ -37,8 +37,10 @@ _EXPORTS = {
     "load_dinov2_teacher": "fastdiff.training.teachers",
     "Config": "fastdiff.training.config",
     "load_config": "fastdiff.training.config",
+    "shipped_configs": "fastdiff.training.config",
     "main": "fastdiff.training.train",
     "NonFiniteLossError": "fastdiff.training.train",
+    "TrainingInterrupted": "fastdiff.training.train",
 }
 
 __all__ = sorted(_EXPORTS)

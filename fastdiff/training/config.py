@@ -2,20 +2,28 @@
 
 ``load_config("configs/digits_dit.yaml", ["--repa", "train.lr=1e-4"])`` merges, in order: the defaults
 below, the YAML file, the shorthand flags (``--repa``, ``--haste``, ``--weighting``, ``--max_steps``,
-``--batch_size``, ``--output_dir``, ``--seed``, ``--mixed_precision``) and ``section.key=value`` overrides.
-Unknown keys raise a ``ValueError`` listing the allowed ones.
+``--batch_size``, ``--output_dir``, ``--seed``, ``--mixed_precision``, ``--resume``, ``--no_resume``) and
+``section.key=value`` overrides. Unknown keys raise a ``ValueError`` listing the allowed ones.
+
+A config is a YAML path or the name of a config shipped with the package (``--config digits_dit``, see
+:func:`shipped_configs`; they are the repository's ``configs/`` folder, packaged as ``fastdiff/configs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MODEL_INITS = ("default", "pixart")
 
 
 @dataclass
@@ -31,6 +39,7 @@ class ModelConfig:
     subfolder: str | None = None
     conditioning: str = "auto"  # auto | class_tokens | class_labels | none
     num_classes: int = 10
+    init: str = "default"  # default (the diffusers class's own) | pixart (PixArt-alpha's, PixArt models only)
 
 
 @dataclass
@@ -61,8 +70,12 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after the linear warmup, down to lr * min_lr_ratio)
+    min_lr_ratio: float = 0.05
     grad_clip: float = 1.0  # 0 disables
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    # no | fp16 | bf16 | None: accelerate's setting (`accelerate launch --mixed_precision`, its config file or
+    # ACCELERATE_MIXED_PRECISION), "no" when there is none; a value here overrides accelerate's
+    mixed_precision: str | None = None
     ema_decay: float = 0.999  # 0 disables EMA
     weighting: str = "none"  # none | min_snr | soft_min_snr
     min_snr_gamma: float = 5.0
@@ -96,7 +109,11 @@ class AlignConfig:
 class CheckpointConfig:
     every: int = 500  # 0: only at the end
     keep: int = 2
-    resume: str | None = "auto"  # auto (latest in output_dir, if any) | a checkpoint directory | null
+    # auto: the latest checkpoint in output_dir if its stored config equals this one (max_steps aside), a
+    #       ValueError naming both if it differs, a fresh run if there is none
+    # latest (--resume): the latest checkpoint in output_dir whatever its config | a checkpoint directory
+    # null (--no_resume): a fresh run; a ValueError if output_dir already holds checkpoints
+    resume: str | None = "auto"
 
 
 @dataclass
@@ -137,6 +154,17 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}``; values that are not scalars become strings."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
+
+
 def _choice(value: Any, name: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -149,7 +177,12 @@ def validate(cfg: Config) -> Config:
 
     check_weighting(cfg.train.weighting)
     _choice(cfg.train.timestep_sampling, "train.timestep_sampling", TIMESTEP_SAMPLERS)
-    _choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
+    if cfg.train.mixed_precision is not None:
+        _choice(cfg.train.mixed_precision, "train.mixed_precision", MIXED_PRECISIONS)
+    _choice(cfg.train.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+    _choice(cfg.model.init, "model.init", MODEL_INITS)
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
     _choice(cfg.align.token_matching, "align.token_matching", TOKEN_MATCHING)
     for name in ("max_steps", "batch_size"):
         if getattr(cfg.train, name) < 1:
@@ -163,13 +196,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Parse a command-line string into the type of the field's default."""
+def _coerce(value: Any, default: Any, key: str, annotation: Any = None) -> Any:
+    """Parse a command-line string into the type of the field's default (or, for ``str | None`` fields
+    such as ``train.mixed_precision``, keep the string: YAML would read ``no`` as ``False``)."""
+    is_text = isinstance(default, str) or (isinstance(annotation, str) and annotation.startswith("str"))
+    if is_text and isinstance(value, bool):
+        raise ValueError(f"{key} must be a string, got {value!r}: quote it in YAML (e.g. \"no\")")
     if not isinstance(value, str):
         return value
     if value in ("null", "None", "~"):
         return None
-    if isinstance(default, str):
+    if is_text:
         return value
     parsed = yaml.safe_load(value) if value != "" else None
     if isinstance(default, bool):
@@ -195,6 +232,7 @@ def _check_key(obj: Any, key: str, prefix: str) -> None:
 
 
 def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    annotations = {f.name: f.type for f in dataclasses.fields(obj)}
     for key, value in values.items():
         _check_key(obj, key, prefix)
         current = getattr(obj, key)
@@ -203,7 +241,7 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
                 raise ValueError(f"{prefix + key} must be a mapping, got {value!r}")
             _merge(current, value, f"{prefix}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, prefix + key))
+            setattr(obj, key, _coerce(value, current, prefix + key, annotations[key]))
 
 
 def _set_dotted(config: Config, dotted: str, value: str) -> None:
@@ -227,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastdiff.training.train",
         description="Train a diffusers denoiser with Min-SNR / REPA / HASTE (accelerate). Extra arguments of the "
                     "form section.key=value override the YAML config, e.g. train.lr=1e-4 model.config.num_layers=4.")
-    parser.add_argument("--config", type=Path, help="YAML config (e.g. configs/digits_dit.yaml)")
+    parser.add_argument("--config", help="a YAML file, or the name of a shipped config: "
+                        + ", ".join(shipped_configs()) + " (e.g. --config digits_dit)")
     parser.add_argument("--repa", action="store_true", help="REPA feature alignment (align.repa=true)")
     parser.add_argument("--haste", action="store_true", help="HASTE: REPA + attention distillation + termination")
     parser.add_argument("--weighting", help="loss weighting: none | min_snr | soft_min_snr")
@@ -235,8 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, help="global batch size")
     parser.add_argument("--output_dir")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"))
-    parser.add_argument("--no_resume", action="store_true", help="start fresh even if output_dir has checkpoints")
+    parser.add_argument("--mixed_precision", choices=MIXED_PRECISIONS,
+                        help="default: accelerate's (accelerate launch --mixed_precision / its config file), else no")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="continue the latest checkpoint in output_dir (or CHECKPOINT) even if it was trained "
+                             "with a different config. Default: continue only a checkpoint of the same config "
+                             "(max_steps aside), error if output_dir holds another config's")
+    resume.add_argument("--no_resume", action="store_true",
+                        help="start fresh (an error if output_dir already holds checkpoints)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -247,7 +293,8 @@ def load_config(path: str | Path | None = None, argv: Sequence[str] = ()) -> Con
     config = Config()
     path = args.config or path
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        path = find_config(path)
+        values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a YAML mapping")
         _merge(config, values)
@@ -259,9 +306,39 @@ def load_config(path: str | Path | None = None, argv: Sequence[str] = ()) -> Con
             _set_dotted(config, key, str(value))
     if args.no_resume:
         config.checkpoint.resume = None
+    elif args.resume is not None:
+        config.checkpoint.resume = args.resume
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"overrides must look like section.key=value, got {item!r}")
         _set_dotted(config, key.lstrip("-"), value)
     return config
+
+
+def _shipped_dir():
+    return importlib.resources.files("fastdiff") / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``configs/*.yaml`` of the repository)."""
+    folder = _shipped_dir()
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file: ``name_or_path`` if it is a file, else the shipped config of that name
+    (``digits_dit`` or ``digits_dit.yaml``). Raises ``FileNotFoundError`` listing the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if stem in shipped:
+        if path.parent == Path("."):
+            return Path(str(_shipped_dir() / f"{stem}.yaml"))
+        hint = f"; the shipped config of that name is --config {stem}"
+    else:
+        hint = ""
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a shipped config "
+                            f"({', '.join(shipped) or 'none found'}){hint}")

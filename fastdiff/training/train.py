@@ -1,22 +1,32 @@
 """Train a diffusers denoiser with Min-SNR weighting, REPA or HASTE, on 1 CPU, N processes or N GPUs.
 
-    python -m fastdiff.training.train --config configs/digits_dit.yaml --haste --weighting min_snr
-    torchrun --nproc_per_node 2 -m fastdiff.training.train --config configs/digits_dit.yaml
-    accelerate launch -m fastdiff.training.train --config configs/digits_dit.yaml   # GPUs / FSDP configs
+    python -m fastdiff.training.train --config digits_dit --haste --weighting min_snr
+    torchrun --nproc_per_node 2 -m fastdiff.training.train --config digits_dit
+    accelerate launch --mixed_precision bf16 -m fastdiff.training.train --config digits_dit   # GPUs / FSDP
 
 The whole loop is this file, top to bottom: config -> accelerator -> model, data, optimizer, EMA ->
 resume -> for each step: batch, noise, teacher (while alignment runs), loss, backward, clip, step, EMA ->
 log, evaluate, checkpoint. The batch and the noise of step ``s`` are functions of ``(seed, s)`` and the
 global batch is split evenly over processes, so a resumed run repeats the uninterrupted loss curve and
 N processes reproduce the single-process run.
+
+A run continues a checkpoint in ``output_dir`` only if it was trained with the same configuration
+(``max_steps`` aside) or when asked to (``--resume``); otherwise it stops with an error naming both
+(:func:`fastdiff.training.checkpoint.resume_point`). Mixed precision is accelerate's (launch flag, config
+file) unless ``train.mixed_precision`` sets one; the log says which won. SIGINT / SIGTERM (Ctrl-C) finish
+the current step, save a checkpoint and exit with one line (status 130 / 143); a second one aborts.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,8 +38,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastdiff.schedule import NoiseSchedule, add_noise, prediction_target
-from fastdiff.training.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
-from fastdiff.training.config import Config, load_config, validate
+from fastdiff.training.checkpoint import TrainingState, latest_checkpoint, resume_point, save_checkpoint
+from fastdiff.training.config import Config, flatten, load_config, validate
 from fastdiff.training.datasets import StepBatchSampler, batch_indices, build_dataset
 from fastdiff.training.haste import TeacherCache, gradient_cosine
 from fastdiff.training.modeling import (
@@ -38,6 +48,7 @@ from fastdiff.training.modeling import (
     build_class_embedder,
     build_model,
     build_scheduler,
+    is_flow,
     null_label,
     num_parameters,
     patch_tokens,
@@ -52,6 +63,65 @@ StepCallback = Callable[[int, dict], None]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; raised before the optimizer step that would use it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`train` after ``step`` steps; ``checkpoint`` holds that state and
+    ``summary`` what :func:`train` would have returned so far."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, summary: dict) -> None:
+        super().__init__(f"{signal.Signals(signum).name} after step {step}; saved {checkpoint}")
+        self.signum, self.step, self.checkpoint, self.summary = signum, step, checkpoint, summary
+
+
+class StopSignals:
+    """While active (main thread only), the first SIGINT / SIGTERM is recorded in ``received`` instead of
+    killing the process, so the loop can finish its step and checkpoint; a second one raises
+    ``KeyboardInterrupt`` at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers share the terminal's Ctrl-C: leave it to the main process, which checkpoints."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def mixed_precision_choice(configured: str | None, environ=os.environ) -> tuple[str | None, str]:
+    """``(value for Accelerator, note)``: the fastdiff config's ``train.mixed_precision`` if it sets one, else
+    ``None`` so that accelerate's own setting applies (``accelerate launch --mixed_precision``, its config
+    file, ``ACCELERATE_MIXED_PRECISION``: launch passes the first two on as the third)."""
+    launched = environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured is None:
+        if launched:
+            return None, f"mixed precision {launched} (accelerate's setting; train.mixed_precision is unset)"
+        return None, "mixed precision no (neither train.mixed_precision nor accelerate sets one)"
+    if launched and launched != configured:
+        return configured, f"mixed precision {configured} (train.mixed_precision overrides accelerate's {launched})"
+    return configured, f"mixed precision {configured} (train.mixed_precision)"
 
 
 def step_randomness(cfg: Config, step: int, schedule: NoiseSchedule, sample_shape: tuple[int, ...]):
@@ -72,9 +142,10 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     terminates = cfg.align.haste and (cfg.align.stop_step is not None or cfg.align.grad_angle_deg is not None)
 
     # ---------------------------------------------------------------------------------- accelerator
+    mixed_precision, precision_note = mixed_precision_choice(cfg.train.mixed_precision)
     accelerator = Accelerator(
         cpu=cfg.cpu or not _has_accelerator(),  # cpu=True is what makes torchrun'd CPU processes use gloo DDP
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=[JSONLTracker("logs", out_dir) if name == "jsonl" else name for name in cfg.log.trackers],
         project_dir=str(out_dir),
         # the REPA projector goes unused after a stage-wise termination
@@ -84,6 +155,13 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by {world} processes")
     local_batch = cfg.train.batch_size // world
+    accelerator.print(precision_note)
+    # the configuration as run (the effective mixed precision), stored with every checkpoint
+    run_config = cfg.to_dict()
+    run_config["train"]["mixed_precision"] = accelerator.mixed_precision
+    ckpt_root = out_dir / "checkpoints"
+    resume_dir, resume_note = resume_point(cfg.checkpoint.resume, ckpt_root, flatten(run_config),
+                                           flatten(Config().to_dict()))
     set_seed(cfg.seed)  # identical initialisation on every process
 
     # ------------------------------------------------------------------------- model, data, optimizer
@@ -96,7 +174,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     alignment = build_alignment(cfg, model, device)
     module = TrainModule(model, conditioning, class_embedder, alignment)
     denoiser_params = [p for m in (model, class_embedder) if m is not None for p in m.parameters()]
-    null = null_label(conditioning, cfg.model.num_classes)
+    flow = is_flow(model)  # a normalizing flow: maximum likelihood of noise-augmented images, no diffusion noise
+    null = cfg.model.num_classes if flow else null_label(conditioning, cfg.model.num_classes)
     student_tokens = patch_tokens(model, cfg.data.resolution) if alignment is not None else 0
     teacher_cache = TeacherCache() if alignment is not None and cfg.align.cache_teacher else None
     run_teacher = functools.partial(alignment.run_teacher, student_tokens=student_tokens) if alignment else None
@@ -106,8 +185,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
-    warmup = max(1, cfg.train.warmup_steps)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg.train))
     ema = None
     if cfg.train.ema_decay > 0:
         from diffusers.training_utils import EMAModel
@@ -123,16 +201,13 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
             accelerator.register_for_checkpointing(obj)
 
     # ------------------------------------------------------------------------------------------- resume
-    ckpt_root = out_dir / "checkpoints"
-    resume = cfg.checkpoint.resume
-    resume_dir = latest_checkpoint(ckpt_root) if resume == "auto" else Path(resume) if resume else None
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         if alignment is not None and alignment.termination is not None and state.termination:
             alignment.termination.load_state_dict(state.termination)
-        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+        accelerator.print(f"resumed from {resume_dir} at step {state.step} {resume_note}".rstrip())
 
-    accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
+    accelerator.init_trackers(cfg.log.project, config=flatten(run_config))
     accelerator.print(f"training {type(model).__name__} ({num_parameters(model)} params, {conditioning}) on "
                       f"{cfg.data.dataset} ({len(dataset)} images), {world} process(es) on {device.type}, global batch "
                       f"{cfg.train.batch_size}, weighting={cfg.train.weighting}, "
@@ -140,97 +215,120 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
 
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, cfg.seed, state.step, cfg.train.max_steps,
                                rank, world)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        worker_init_fn=_ignore_sigint if cfg.data.num_workers else None)
     progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not (accelerator.is_local_main_process and cfg.log.progress_bar))
     summary: dict = {"losses": {}, "evals": [], "teacher_calls": 0, "teacher_images": 0,
-                     "resumed_from": str(resume_dir or "")}
+                     "resumed_from": str(resume_dir or ""), "mixed_precision": accelerator.mixed_precision}
+    interrupted: tuple[int, Path] | None = None
     train_time, window_start, window_samples = 0.0, time.perf_counter(), 0
 
     # ---------------------------------------------------------------------------------------- the loop
-    for images, labels in loader:
-        step, tic = state.step, time.perf_counter()
-        module.train()
-        timesteps, noise, drop = step_randomness(cfg, step, schedule, sample_shape)
-        mine = slice(rank * local_batch, (rank + 1) * local_batch)
-        images, labels = images.to(device), labels.to(device)
-        timesteps, noise, drop = timesteps[mine].to(device), noise[mine].to(device), drop[mine].to(device)
-        if null is not None:
-            labels = torch.where(drop, torch.full_like(labels, null), labels)
-        alpha, sigma = schedule.alpha(timesteps).float(), schedule.sigma(timesteps).float()
-        noisy = add_noise(images, noise, alpha, sigma)
-        target = prediction_target(images, noise, alpha, sigma, prediction_type)
+    def checkpoint(step: int) -> Path:
+        if termination is not None:
+            state.termination = termination.state_dict()
+        return save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoint.keep, config=run_config)
 
-        teacher_out = None
-        if alignment is not None and alignment.active(step):  # after termination the teacher never runs
-            if teacher_cache is not None:
-                indices = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.seed)[mine]
-                teacher_out, ran = teacher_cache(indices.tolist(), images, run_teacher)
+    termination = alignment.termination if alignment is not None else None
+    with StopSignals() as stop:
+        for images, labels in loader:
+            step, tic = state.step, time.perf_counter()
+            logged, saved = False, None
+            module.train()
+            timesteps, noise, drop = step_randomness(cfg, step, schedule, sample_shape)
+            mine = slice(rank * local_batch, (rank + 1) * local_batch)
+            images, labels = images.to(device), labels.to(device)
+            timesteps, noise, drop = timesteps[mine].to(device), noise[mine].to(device), drop[mine].to(device)
+            if null is not None:
+                labels = torch.where(drop, torch.full_like(labels, null), labels)
+            alpha, sigma = schedule.alpha(timesteps).float(), schedule.sigma(timesteps).float()
+            noisy = add_noise(images, noise, alpha, sigma)
+            target = prediction_target(images, noise, alpha, sigma, prediction_type)
+
+            teacher_out = None
+            if alignment is not None and alignment.active(step):  # after termination the teacher never runs
+                if teacher_cache is not None:
+                    indices = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.seed)[mine]
+                    teacher_out, ran = teacher_cache(indices.tolist(), images, run_teacher)
+                else:
+                    teacher_out, ran = run_teacher(images), len(images)
+                summary["teacher_calls"] += int(ran > 0)
+                summary["teacher_images"] += ran
+            if flow:
+                denoise, aux = module(images, noise, labels)
             else:
-                teacher_out, ran = run_teacher(images), len(images)
-            summary["teacher_calls"] += int(ran > 0)
-            summary["teacher_images"] += ran
-        prediction, aux = module(noisy, timesteps, labels, teacher_out)
-        denoise = diffusion_loss(prediction, target, timesteps, schedule, cfg.train.weighting,
-                                 cfg.train.min_snr_gamma, prediction_type)
-        loss = denoise + aux["align"] if aux else denoise
+                prediction, aux = module(noisy, timesteps, labels, teacher_out)
+                denoise = diffusion_loss(prediction, target, timesteps, schedule, cfg.train.weighting,
+                                         cfg.train.min_snr_gamma, prediction_type)
+            loss = denoise + aux["align"] if aux else denoise
 
-        loss_mean = accelerator.reduce(loss.detach().float(), "mean")
-        if not torch.isfinite(loss_mean):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_mean.item()}) at step {step} (denoising loss {denoise.item()}"
-                + "".join(f", {k} {v.item()}" for k, v in aux.items()) + "); the last good checkpoint is "
-                f"{latest_checkpoint(ckpt_root)}. Lower train.lr, enable train.grad_clip or use fp32.")
-        termination = alignment.termination if alignment is not None else None
-        grad_cos = None
-        if aux and termination is not None and termination.wants_gradient_angle(step):
-            grad_cos = gradient_cosine(denoise, aux["align"], list(model.parameters()))
-            grad_cos = accelerator.reduce(torch.tensor(grad_cos, device=device), "mean").item()
-            termination.report_gradient_cosine(step, grad_cos)
+            loss_mean = accelerator.reduce(loss.detach().float(), "mean")
+            if not torch.isfinite(loss_mean):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_mean.item()}) at step {step} (denoising loss {denoise.item()}"
+                    + "".join(f", {k} {v.item()}" for k, v in aux.items()) + "); the last good checkpoint is "
+                    f"{latest_checkpoint(ckpt_root)}. Lower train.lr, enable train.grad_clip or use fp32.")
+            grad_cos = None
+            if aux and termination is not None and termination.wants_gradient_angle(step):
+                grad_cos = gradient_cosine(denoise, aux["align"], list(model.parameters()))
+                grad_cos = accelerator.reduce(torch.tensor(grad_cos, device=device), "mean").item()
+                termination.report_gradient_cosine(step, grad_cos)
 
-        accelerator.backward(loss)
-        if cfg.train.grad_clip > 0:
-            accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(denoiser_params)
-        state.step += 1
-        state.samples_seen += cfg.train.batch_size
-        train_time += time.perf_counter() - tic
-        window_samples += cfg.train.batch_size
+            accelerator.backward(loss)
+            if cfg.train.grad_clip > 0:
+                accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(denoiser_params)
+            state.step += 1
+            state.samples_seen += cfg.train.batch_size
+            train_time += time.perf_counter() - tic
+            window_samples += cfg.train.batch_size
 
-        # ------------------------------------------------------------------ log, evaluate, checkpoint
-        record = {"loss": loss_mean.item(), "loss/denoise": accelerator.reduce(denoise.detach(), "mean").item()}
-        record.update({f"loss/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in aux.items() if k != "align"})
-        if grad_cos is not None:
-            record["align/grad_cos"] = grad_cos
-        summary["losses"][step] = record["loss"]
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
-        if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            record.update({"lr": lr_schedule.get_last_lr()[0], "throughput/img_per_s": window_samples / elapsed,
-                           "align/active": float(teacher_out is not None)})
-            accelerator.log(record, step=state.step)
-            window_start, window_samples = time.perf_counter(), 0
-        if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
-            result = evaluate(accelerator, module, ema, denoiser_params, scheduler, cfg)
-            if result is not None:
-                summary["evals"].append({"step": state.step, **result})
-                accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step=state.step)
-            window_start = time.perf_counter()
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == cfg.train.max_steps:
-            if termination is not None:
-                state.termination = termination.state_dict()
-            save_checkpoint(accelerator, ckpt_root, state.step, cfg.checkpoint.keep)
-            window_start = time.perf_counter()
-        for callback in callbacks:
-            callback(step, record)
+            # ------------------------------------------------------------------ log, evaluate, checkpoint
+            record = {"loss": loss_mean.item(), "loss/denoise": accelerator.reduce(denoise.detach(), "mean").item()}
+            record.update({f"loss/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in aux.items() if k != "align"})
+            if grad_cos is not None:
+                record["align/grad_cos"] = grad_cos
+            summary["losses"][step] = record["loss"]
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record.update({"lr": lr_schedule.get_last_lr()[0], "throughput/img_per_s": window_samples / elapsed,
+                               "align/active": float(teacher_out is not None)})
+                accelerator.log(record, step=state.step)
+                logged = True
+                window_start, window_samples = time.perf_counter(), 0
+            if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
+                result = evaluate(accelerator, module, ema, denoiser_params, scheduler, cfg)
+                if result is not None:
+                    summary["evals"].append({"step": state.step, **result})
+                    accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step=state.step)
+                window_start = time.perf_counter()
+            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == cfg.train.max_steps:
+                saved = checkpoint(state.step)
+                window_start = time.perf_counter()
+            for callback in callbacks:
+                callback(step, record)
+            signum = stop.received or 0
+            if world > 1:  # every process stops after the same step: checkpointing is collective
+                signum = int(accelerator.gather(torch.tensor([signum], device=device)).max())
+            if signum and state.step < cfg.train.max_steps:  # (after the last step: finish normally)
+                if not logged:
+                    accelerator.log(record, step=state.step)
+                interrupted = (signum, saved or checkpoint(state.step))
+                break
 
     # --------------------------------------------------------------------------------------- wrap up
     progress.close()
+    if interrupted is not None:
+        accelerator.end_training()
+        signum, saved = interrupted
+        raise TrainingInterrupted(signum, state.step, saved, summary)
     steps_run = len(summary["losses"])
     summary.update({
         "final_step": state.step,
@@ -249,6 +347,17 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def lr_factor(step: int, cfg) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then constant or cosine down to ``min_lr_ratio``."""
+    warmup = max(1, cfg.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _has_accelerator() -> bool:
     available = getattr(torch, "accelerator", None)
     return available.is_available() if available is not None else torch.cuda.is_available()
@@ -327,23 +436,31 @@ def export_model(inner: TrainModule, ema, params, scheduler, out_dir: Path) -> N
         restore()
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return flat
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command-line entry point (``python -m fastdiff.training.train`` and ``fastdiff train``)."""
-    cfg = load_config(None, sys.argv[1:] if argv is None else argv)
-    return train(cfg)
+    """Command-line entry point (``python -m fastdiff.training.train``)."""
+    return run(load_config(None, sys.argv[1:] if argv is None else argv))
 
 
-__all__ = ["NonFiniteLossError", "main", "train"]
+def run(cfg: Config) -> dict:
+    """:func:`train` for the command line (also ``fastdiff train``, which parses the config before torch is
+    imported). Ctrl-C / SIGTERM: one line saying where the checkpoint is, then ``SystemExit(128 + signal)``."""
+    main_process = os.environ.get("RANK", "0") == "0"
+    try:
+        return train(cfg)
+    except TrainingInterrupted as stop:
+        if main_process:
+            print(f"fastdiff train: {signal.Signals(stop.signum).name} after step {stop.step}: saved {stop.checkpoint}; "
+                  "run the same command again to continue", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:
+        if main_process:
+            last = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+            print(f"fastdiff train: interrupted, nothing saved; the last checkpoint is {last or 'none'}",
+                  file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+__all__ = ["NonFiniteLossError", "StopSignals", "TrainingInterrupted", "main", "mixed_precision_choice", "run", "train"]
 
 if __name__ == "__main__":
     main()
