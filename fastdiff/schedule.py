@@ -4,7 +4,8 @@ A :class:`NoiseSchedule` is built from any diffusers scheduler (or its config, o
 ``alphas_cumprod``) and answers, at integer or continuous training timesteps ``t``:
 
 * VP (DDPM family, Ho et al. 2020; Song et al. 2021): ``x_t = alpha_t x_0 + sigma_t eps`` with
-  ``alpha_t^2 = alphas_cumprod[t]`` and ``alpha_t^2 + sigma_t^2 = 1``. Continuous ``t`` interpolates
+  ``alpha_t^2 = alphas_cumprod[t]``, the scheduler's own ``alphas_cumprod`` (read, never re-derived from
+  its config, so any beta schedule diffusers implements works), and ``alpha_t^2 + sigma_t^2 = 1``. Continuous ``t`` interpolates
   ``alphas_cumprod`` linearly between the integer points (finite and monotone, also at zero terminal
   SNR, where log-SNR is ``-inf`` at the last step).
 * Flow matching (rectified flow, Liu et al. 2022; Lipman et al. 2023): ``x_t = (1 - s) x_0 + s eps`` with
@@ -12,54 +13,23 @@ A :class:`NoiseSchedule` is built from any diffusers scheduler (or its config, o
   its (already shifted) sigmas times ``num_train_timesteps``.
 
 It also holds the conversions between prediction types (``epsilon``, ``v_prediction``, ``sample``,
-``flow``) that samplers, losses and the test oracle share. Everything is computed in float64.
+``flow``) that samplers, losses and the test oracle share. Everything is computed in float64 (from the
+scheduler's float32 ``alphas_cumprod``, the values diffusers itself samples and trains with).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 KINDS = ("vp", "flow")
+_TERMINAL_CLAMP = 2.0**-24  # diffusers' smallest terminal alpha_bar (zero-SNR schedules of DPM-Solver & co.)
 
 TimeLike = torch.Tensor | float | int | list | tuple
-
-
-def _betas(config: Mapping[str, Any]) -> torch.Tensor:
-    n = int(config.get("num_train_timesteps", 1000))
-    trained = config.get("trained_betas")
-    if trained is not None:
-        return torch.as_tensor(trained, dtype=torch.float64)
-    kind = config.get("beta_schedule", "linear")
-    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
-    if kind == "linear":
-        return torch.linspace(start, end, n, dtype=torch.float64)
-    if kind == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    if kind == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, betas capped at 0.999
-
-        def alpha_bar(s: float) -> float:
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return torch.tensor(
-            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float64
-        )
-    if kind == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float64)) * (end - start) + start
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {kind!r}")
-
-
-def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Shift and scale sqrt(alphas_cumprod) so the last step has SNR exactly 0 (Lin et al. 2024, Alg. 1)."""
-    root = alphas_cumprod.sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    root = (root - last) * first / (first - last)
-    return root**2
 
 
 def _config_dict(source: Any) -> dict[str, Any]:
@@ -74,6 +44,23 @@ def _config_dict(source: Any) -> dict[str, Any]:
 
 def _is_flow_config(cfg: Mapping[str, Any]) -> bool:
     return "FlowMatch" in str(cfg.get("_class_name", "")) or ("shift" in cfg and "beta_schedule" not in cfg)
+
+
+def _scheduler_from_config(cfg: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler a VP config describes: the class its ``_class_name`` names when diffusers has
+    it, else ``DDPMScheduler`` (the DDPM family's reference, which implements every beta schedule), built
+    from the config's entries that class takes."""
+    import diffusers
+
+    named = getattr(diffusers, str(cfg.get("_class_name", "")), None)
+    is_scheduler = isinstance(named, type) and issubclass(named, diffusers.SchedulerMixin)
+    cls = named if is_scheduler else diffusers.DDPMScheduler
+    params = inspect.signature(cls.__init__).parameters
+    try:
+        return cls(**{k: v for k, v in cfg.items() if k in params})
+    except NotImplementedError as err:  # diffusers' answer to an unknown beta_schedule
+        raise ValueError(f"beta_schedule {cfg.get('beta_schedule')!r} is not implemented by diffusers' "
+                         f"{cls.__name__}") from err
 
 
 class NoiseSchedule:
@@ -100,7 +87,10 @@ class NoiseSchedule:
             if alphas_cumprod is None:
                 raise ValueError("a VP schedule needs alphas_cumprod")
             ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
-            if ac.numel() < 2 or not torch.all((ac >= 0) & (ac <= 1)) or not torch.all(ac[1:] <= ac[:-1]):
+            # non-increasing up to 2**-24: DPM-Solver-type schedulers clamp a zero terminal alpha_bar to 2**-24,
+            # which can lie just above the step before it
+            if (ac.numel() < 2 or not torch.all((ac >= 0) & (ac <= 1))
+                    or not torch.all(ac[1:] <= ac[:-1] + _TERMINAL_CLAMP)):
                 raise ValueError("alphas_cumprod must be a non-increasing sequence in [0, 1] of length >= 2")
             self.alphas_cumprod = ac
             self.num_train_timesteps = ac.numel()
@@ -113,19 +103,27 @@ class NoiseSchedule:
     # ----------------------------------------------------------------------------------------- builders
     @classmethod
     def from_config(cls, source: Any) -> NoiseSchedule:
-        """From a diffusers scheduler instance or its config (VP: betas; flow match: ``shift``).
+        """From a diffusers scheduler instance or its config: the scheduler is the source of truth.
 
-        Supports ``beta_schedule`` in ``("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")``,
-        ``trained_betas`` and ``rescale_betas_zero_snr``; flow-match configs (``FlowMatch*`` schedulers).
+        VP: the scheduler's own ``alphas_cumprod``, so every beta schedule diffusers implements (``linear``,
+        ``scaled_linear``, ``squaredcos_cap_v2``, ``sigmoid``, ``laplace``, ``trained_betas``,
+        ``rescale_betas_zero_snr`` ...) is read, never re-derived. A config mapping is first turned into the
+        scheduler it describes (the class named by ``_class_name``, else ``DDPMScheduler``). Flow matching
+        (``FlowMatch*`` schedulers, or a config with ``shift`` and no ``beta_schedule``): ``shift`` and
+        ``num_train_timesteps`` from the config.
         """
         cfg = _config_dict(source)
         if _is_flow_config(cfg):
             return cls("flow", num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
                        shift=float(cfg.get("shift", 1.0)))
-        ac = torch.cumprod(1.0 - _betas(cfg), dim=0)
-        if cfg.get("rescale_betas_zero_snr", False):
-            ac = rescale_zero_terminal_snr(ac)
-        return cls("vp", alphas_cumprod=ac)
+        scheduler = _scheduler_from_config(cfg) if isinstance(source, Mapping) else source
+        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise TypeError(
+                f"{type(scheduler).__name__} has no alphas_cumprod: expected a DDPM-family (VP) scheduler or a "
+                "flow-matching one"
+            )
+        return cls("vp", alphas_cumprod=alphas_cumprod)
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> NoiseSchedule:

@@ -13,6 +13,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
 
 from fastdiff.models import ClassEmbedder, DigitsPipeline, build_digits_pipeline, load_embedded_pipeline
@@ -197,3 +198,90 @@ def test_bad_device(device):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         load_embedded_pipeline(dtype=torch.int64)
+
+
+# ------------------------------------------------------------------ callback_on_step_end (issue 17, item 15)
+def test_callback_on_step_end_sees_every_step(pipe):
+    calls = []
+
+    def record(p, i, t, kwargs):
+        calls.append((p, i, int(t), sorted(kwargs), kwargs["latents"].clone(), p.num_timesteps))
+        return kwargs
+
+    ref = sample(pipe)
+    out = sample(pipe, callback_on_step_end=record)
+    assert torch.equal(out, ref)  # returning the kwargs unchanged changes nothing
+    assert [c[1:4] for c in calls] == [(i, int(t), ["latents"]) for i, t in enumerate(pipe.scheduler.timesteps)]
+    assert all(c[0] is pipe and c[5] == STEPS for c in calls)
+    # what the callback saw at the last step are the final latents
+    assert torch.allclose((calls[-1][4] / 2 + 0.5).clamp(0, 1), ref)
+
+
+def _recorder(store: dict):
+    def record(p, i, t, kwargs):
+        store[i] = kwargs["latents"].clone()
+        return kwargs
+
+    return record
+
+
+def test_callback_on_step_end_may_replace_latents_and_conditioning(pipe):
+    # latents: swapping in another seed's state after step 0 continues that seed's (deterministic DDIM) trajectory
+    other = {}
+    seed1 = sample(pipe, seed=1, callback_on_step_end=_recorder(other))
+    swapped = sample(pipe, seed=0, callback_on_step_end=lambda p, i, t, kw: {"latents": other[0]} if i == 0 else kw)
+    torch.testing.assert_close(swapped, seed1, rtol=0, atol=1e-6)
+    assert not torch.allclose(swapped, sample(pipe, seed=0))
+    # conditioning, replaced after step 0: labels (3, 7) for step 0, then (5, 1); the same as a (5, 1) run whose
+    # state after step 0 is swapped for the (3, 7) run's
+    ehs = pipe.encode_class_labels([5, 1])
+
+    def relabel(p, i, t, kw):
+        assert kw["encoder_hidden_states"].shape == ehs.shape and sorted(kw) == ["encoder_hidden_states"]
+        return {"encoder_hidden_states": ehs}
+
+    relabelled = sample(pipe, labels=(3, 7), callback_on_step_end=relabel,
+                        callback_on_step_end_tensor_inputs=["encoder_hidden_states"])
+    after_step0 = {}
+    sample(pipe, labels=(3, 7), callback_on_step_end=_recorder(after_step0))
+    reference = sample(pipe, labels=(5, 1),
+                       callback_on_step_end=lambda p, i, t, kw: {"latents": after_step0[0]} if i == 0 else kw)
+    torch.testing.assert_close(relabelled, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(relabelled, sample(pipe, labels=(3, 7)))
+
+
+class _Zero(PipelineCallback):
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == pipeline.num_timesteps - 1:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+
+def test_diffusers_pipeline_callbacks_work(pipe):
+    out = sample(pipe, callback_on_step_end=MultiPipelineCallbacks([_Zero()]))
+    assert bool((out == 0.5).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"callback_on_step_end": "print"}, TypeError, "callback_on_step_end must be callable"),
+        ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError,
+         r"callback_on_step_end_tensor_inputs must be in \['latents', 'encoder_hidden_states'\], got \['prompt_embeds'\]"),
+        ({"callback_on_step_end_tensor_inputs": "latents"}, TypeError, "callback_on_step_end_tensor_inputs must be a list"),
+        ({"callback_on_step_end": lambda p, i, t, kw: None}, TypeError, "callback_on_step_end must return a dict"),
+        ({"callback_on_step_end": lambda p, i, t, kw: {"latents": kw["latents"][:1]}}, ValueError,
+         r"callback_on_step_end returned 'latents' of \(1, 1, 16, 16\) at step 0; it must be a tensor of shape \(2, 1, 16, 16\)"),
+    ],
+)
+def test_bad_callbacks_are_named(pipe, kwargs, error, match):
+    sizes, handle = batch_sizes(pipe.transformer)
+    try:
+        with pytest.raises(error, match=match):
+            sample(pipe, **kwargs)
+    finally:
+        handle.remove()
+    validated_up_front = "callback_on_step_end must be callable" in match or "tensor_inputs" in match
+    assert len(sizes) == (0 if validated_up_front else 1)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import diffusers as d
 import pytest
 import torch
+from diffusers.utils import BaseOutput
 
 import fastdiff
 from fastdiff.samplers.parallel import (
     METHODS,
+    ParallelStats,
     block_ranking,
     linear_scan,
     sample_parallel,
     tolerance_scale,
 )
+from fastdiff.samplers.pipelines import ParallelPipelineOutput
 from fastdiff.samplers.steps import NonFiniteLatentError, draw_noise, sample_sequential, step_map_for
 from fastdiff.testing import (
     SD_SCHEDULER_CONFIG,
@@ -119,8 +125,26 @@ def test_newton_converges_in_few_rounds():
 
 def test_max_rounds_stops_early_and_says_so():
     sm, x, noise, _ = _setup(*SCHEDULERS["ddpm"])
-    _, st = sample_parallel(sm, ORACLE, x, noise, method="jacobi", window=4, tolerance=0.0, max_rounds=3)
+    with pytest.warns(UserWarning, match=r"max_rounds=3 before converging") as record:
+        _, st = sample_parallel(sm, ORACLE, x, noise, method="jacobi", window=4, tolerance=0.0, max_rounds=3)
     assert st.rounds == 3 and not st.converged
+    assert len(record) == 1 and f"rms update {st.residual:.3g}" in str(record[0].message)
+    # GS-Jacobi's per-block budget is the other cap that can end a solve early
+    with pytest.warns(UserWarning, match=r"block_iters=1 before converging"):
+        _, st = sample_parallel(sm, ORACLE, x, noise, method="gs_jacobi", window=7, tolerance=1e-9, block_iters=1)
+    assert not st.converged
+    with warnings.catch_warnings():  # a converged run is silent, also when max_rounds was given
+        warnings.simplefilter("error")
+        _, st = sample_parallel(sm, ORACLE, x, noise, method="jacobi", window=4, tolerance=0.0, max_rounds=100)
+    assert st.converged
+
+
+def test_parallel_sample_warns_when_max_rounds_stops_it():
+    pipe = tiny_ddpm_pipeline()
+    with pytest.warns(UserWarning, match=r"max_rounds=2 before converging"):
+        out = fastdiff.parallel_sample(pipe, batch_size=1, num_inference_steps=8, window=3, tolerance=0.0,
+                                       max_rounds=2, output_type="pt")
+    assert not out.stats.converged and out.stats.rounds == 2
 
 
 def test_linear_scan_matches_the_recurrence():
@@ -156,6 +180,42 @@ def test_clear_errors():
         sample_parallel(sm, ORACLE, x, None)
     with pytest.raises(ValueError, match="NaN"):
         sample_parallel(sm, ORACLE, x * float("nan"), noise)
+
+
+def test_clear_errors_name_the_argument():
+    """issue 17 item 12: each mistake is named before (or at) the first round, never a deep failure."""
+    sched = d.DDPMScheduler.from_config(SD)
+    sched.set_timesteps(6)
+    sm = step_map_for(sched)
+    x = torch.randn(2, 16, dtype=torch.float64)
+    noise = draw_noise(sm, tuple(x.shape), torch.Generator().manual_seed(0), dtype=x.dtype)
+    for bad in (sched, None):
+        with pytest.raises(TypeError, match=r"step_map must be a fastdiff StepMap .*step_map_for"):
+            sample_parallel(bad, ORACLE, x, noise)
+    with pytest.raises(TypeError, match="denoiser must be callable"):
+        sample_parallel(sm, "model", x, noise)
+    calls = []
+
+    def learned_sigma(u, t):  # returns [n*B, 2C]: the variance channels were not dropped
+        calls.append(u.shape[0])
+        return torch.cat([ORACLE(u, t), ORACLE(u, t)], 1)
+
+    with pytest.raises(ValueError, match=r"denoiser returned \(\d+, 32\) for model input of shape \(\d+, 16\)"):
+        sample_parallel(sm, learned_sigma, x, noise, window=3)
+    assert len(calls) == 1  # at the first round
+    with pytest.raises(ValueError, match="denoiser returned"):  # same numel, wrong layout
+        sample_parallel(sm, lambda u, t: ORACLE(u, t).reshape(-1, 2, 8), x, noise)
+    bad_noise = noise.clone()
+    bad_noise[4, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"noise \(the pre-drawn step noise\) contains NaN") as err:
+        sample_parallel(sm, ORACLE, x, bad_noise)
+    assert not isinstance(err.value, NonFiniteLatentError)
+    with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(6, 2, 16\)"):
+        sample_parallel(sm, ORACLE, x, noise[:3])
+    for option, value in (("tolerance", True), ("max_rounds", True), ("sync_every", True), ("window", True),
+                          ("data_variance", 0.0), ("block_iters", float("nan"))):
+        with pytest.raises(ValueError, match=f"{option} must be"):
+            sample_parallel(sm, ORACLE, x, noise, **{option: value})
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -194,10 +254,26 @@ def test_sd_pipeline_with_cfg_and_a_stochastic_scheduler(sd_pipe):
     assert len(sd_pipe.scheduler.timesteps) == 4 and "step" not in vars(sd_pipe.scheduler)
 
 
-def test_return_dict_false_keeps_the_tuple(sd_pipe):
-    images, nsfw = out = fastdiff.parallel_sample(sd_pipe, "a cat", num_inference_steps=3, height=16, width=16,
-                                                  output_type="pt", return_dict=False, window=3)
-    assert images.shape == (1, 3, 16, 16) and out.stats.rounds >= 1
+def test_return_dict_false_gives_the_outputs_tuple(sd_pipe):
+    kwargs = dict(num_inference_steps=3, height=16, width=16, output_type="pt", window=3)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    images, stats = fastdiff.parallel_sample(sd_pipe, "a cat", return_dict=False, generator=gen(), **kwargs)
+    assert images.shape == (1, 3, 16, 16) and isinstance(stats, ParallelStats) and stats.rounds >= 1
+    out = fastdiff.parallel_sample(sd_pipe, "a cat", generator=gen(), **kwargs)
+    assert torch.equal(out.images, images) and out.stats == stats and out.nsfw_content_detected is None
+
+
+def test_parallel_sample_returns_an_output_dataclass():
+    """issue 17 item 15: stats is a field of a diffusers BaseOutput, not an attribute stuck on the output."""
+    pipe = tiny_ddpm_pipeline()
+    out = fastdiff.parallel_sample(pipe, batch_size=1, num_inference_steps=4, window=2, output_type="np")
+    assert isinstance(out, ParallelPipelineOutput) and isinstance(out, BaseOutput)
+    assert list(out.keys()) == ["images", "stats"] and out["stats"] is out.stats and out["images"] is out.images
+    assert out.to_tuple() == (out.images, out.stats) and "stats=ParallelStats(" in repr(out)
+    assert dataclasses.is_dataclass(out) and out.stats.converged
+    # the pipeline's positional arguments and return_dict=False pass through
+    images, stats = fastdiff.parallel_sample(pipe, 1, None, 4, "np", False, window=2)
+    assert images.shape == out.images.shape and stats.num_steps == 4
 
 
 def test_pixart_and_ddpm_pipelines():
@@ -226,6 +302,20 @@ def test_digits_pipeline():
     out = _same(pipe, class_labels=[0, 3], num_inference_steps=6, guidance_scale=2.0,
                 parallel={"method": "newton", "window": 3})
     assert out.stats.model_evals >= 6
+    # step callbacks run once, after the solve, on the final latents; what they return is used
+    seen = []
+
+    def zero(p, i, t, kwargs):
+        seen.append((i, int(t), kwargs["latents"].clone()))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    gen = torch.Generator().manual_seed(0)
+    out = fastdiff.parallel_sample(pipe, [0, 3], num_inference_steps=6, generator=gen, output_type="pt",
+                                   tolerance=0.0, callback_on_step_end=zero)
+    assert [(i, t) for i, t, _ in seen] == [(0, int(pipe.scheduler.timesteps[0]))]
+    ref = pipe([0, 3], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert ((seen[0][2].float() / 2 + 0.5).clamp(0, 1) - ref).abs().max() <= 1e-5  # the final latents
+    assert bool((out.images == 0.5).all())
 
 
 def test_pipeline_errors(sd_pipe):
@@ -235,6 +325,9 @@ def test_pipeline_errors(sd_pipe):
         fastdiff.parallel_sample(sd_pipe, "a cat", window=0)
     with pytest.raises(ValueError, match="tolerance"):
         fastdiff.parallel_sample(sd_pipe, "a cat", tolerance=-1.0)
+    for option in ("tolerance", "max_rounds"):
+        with pytest.raises(ValueError, match=f"{option} must be"):
+            fastdiff.parallel_sample(sd_pipe, "a cat", **{option: True})
     sd_pipe.scheduler = d.PNDMScheduler.from_config(sd_pipe.scheduler.config)
     with pytest.raises(ValueError, match="PNDMScheduler.*supported schedulers: .*DDIMScheduler"):
         fastdiff.parallel_sample(sd_pipe, "a cat")

@@ -8,6 +8,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    ScoreSdeVeScheduler,
+    UniPCMultistepScheduler,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +19,7 @@ from fastdiff.schedule import NoiseSchedule, add_noise, prediction_target, x0_an
 vp_configs = st.fixed_dictionaries(
     {
         "num_train_timesteps": st.integers(10, 1000),
-        "beta_schedule": st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]),
+        "beta_schedule": st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"]),
         "beta_start": st.floats(1e-5, 1e-3),
         "beta_end": st.floats(5e-3, 3e-2),
         "rescale_betas_zero_snr": st.booleans(),
@@ -27,8 +29,8 @@ vp_configs = st.fixed_dictionaries(
 
 @given(cfg=vp_configs, cls=st.sampled_from([DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]))
 def test_alphas_cumprod_match_diffusers(cfg, cls):
-    if cls is not DDPMScheduler and cfg["beta_schedule"] == "sigmoid":
-        cfg = {**cfg, "beta_schedule": "linear"}  # only DDPM implements sigmoid betas
+    if cls is not DDPMScheduler and cfg["beta_schedule"] in ("sigmoid", "laplace"):
+        cfg = {**cfg, "beta_schedule": "linear"}  # only DDPM implements sigmoid and laplace betas
     sched = cls(**cfg)
     ours = NoiseSchedule.from_config(sched.config)
     theirs = sched.alphas_cumprod.double()
@@ -123,7 +125,7 @@ def test_v_prediction_matches_diffusers_get_velocity():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+    with pytest.raises(ValueError, match="beta_schedule .cubic. is not implemented by diffusers. DDPMScheduler"):
         NoiseSchedule.from_config({"beta_schedule": "cubic"})
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         x0_and_eps(torch.zeros(1), torch.zeros(1), 1.0, 0.0, "score")
@@ -133,3 +135,52 @@ def test_bad_arguments_are_named():
         NoiseSchedule("ve")
     with pytest.raises(TypeError, match="diffusers scheduler or its config"):
         NoiseSchedule.from_config(42)
+
+
+# every schedule diffusers implements, read from the scheduler (issue 17, item 14)
+EVERY_SCHEDULE = {
+    **{name: {"beta_schedule": name} for name in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")},
+    "trained_betas": {"trained_betas": torch.linspace(1e-3, 0.05, 50).tolist(), "num_train_timesteps": 50},
+    "linear_zero_snr": {"rescale_betas_zero_snr": True},
+    "laplace_zero_snr": {"beta_schedule": "laplace", "rescale_betas_zero_snr": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_SCHEDULE))
+def test_every_diffusers_beta_schedule_is_the_schedulers_own(name):
+    cfg = {"num_train_timesteps": 200, **EVERY_SCHEDULE[name]}
+    sched = DDPMScheduler(**cfg)
+    expected = sched.alphas_cumprod.double()
+    for source in (sched, sched.config, dict(sched.config), cfg):  # instance, FrozenDict, dicts
+        ours = NoiseSchedule.from_config(source)
+        assert ours.kind == "vp" and torch.equal(ours.alphas_cumprod, expected), type(source)
+    # other scheduler classes: read from the instance (their own alphas_cumprod, clamps included)
+    for cls in (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        if "sigmoid" in name or "laplace" in name:
+            continue  # only DDPM implements sigmoid and laplace betas
+        other = cls(**cfg)
+        assert torch.equal(NoiseSchedule.from_config(other).alphas_cumprod, other.alphas_cumprod.double()), cls
+
+
+def test_the_scheduler_instance_is_the_source_of_truth():
+    sched = DDIMScheduler()
+    sched.alphas_cumprod = sched.alphas_cumprod**1.5  # a schedule no config describes
+    assert torch.equal(NoiseSchedule.from_config(sched).alphas_cumprod, sched.alphas_cumprod.double())
+    # DPM-Solver clamps the zero-SNR terminal alpha_bar to 2**-24; a config naming its class gets the clamp too,
+    # a config without a class name is read as the DDPM family's reference (exact 0)
+    dpm = DPMSolverMultistepScheduler(rescale_betas_zero_snr=True)
+    assert NoiseSchedule.from_config(dpm).alphas_cumprod[-1] == 2**-24
+    named = {**dpm.config, "_class_name": "DPMSolverMultistepScheduler"}
+    assert NoiseSchedule.from_config(named).alphas_cumprod[-1] == 2**-24
+    assert NoiseSchedule.from_config(dict(dpm.config)).alphas_cumprod[-1] == 0
+    # a saved config of a non-scheduler or fastdiff class falls back to DDPMScheduler
+    other = {"_class_name": "StableDiffusionPipeline", "beta_schedule": "laplace"}
+    assert torch.equal(NoiseSchedule.from_config(other).alphas_cumprod,
+                       DDPMScheduler(beta_schedule="laplace").alphas_cumprod.double())
+
+
+def test_flow_matching_still_needs_no_alphas_cumprod_and_ve_is_refused():
+    assert NoiseSchedule.from_config(FlowMatchEulerDiscreteScheduler(shift=2.0).config).kind == "flow"
+    assert NoiseSchedule.from_config({"shift": 2.0}).shift == 2.0
+    with pytest.raises(TypeError, match="ScoreSdeVeScheduler has no alphas_cumprod"):
+        NoiseSchedule.from_config(ScoreSdeVeScheduler())

@@ -117,3 +117,36 @@ def test_sample_timesteps_vp_and_flow():
     assert flow.mean() > 500  # shift 3 moves mass to high noise
     assert math.isclose(loss_weight(torch.tensor([500.0]), NoiseSchedule("flow"), "min_snr", GAMMA).item(),
                         min(0.25, GAMMA * 0.25))
+
+
+@pytest.mark.parametrize("beta_schedule", ["laplace", "sigmoid"])
+def test_diffusion_loss_with_any_diffusers_beta_schedule(beta_schedule):
+    """issue 17 item 14: the weights come from the scheduler's own alphas_cumprod (diffusers' compute_snr)."""
+    scheduler = DDPMScheduler(beta_schedule=beta_schedule)
+    out, target = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    t = torch.tensor([0, 100, 600, 999])
+    w = paper_min_snr(compute_snr(scheduler, t).double(), "epsilon").float()
+    per_sample = (out - target).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(diffusion_loss(out, target, t, scheduler), (w * per_sample).mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(diffusion_loss(out, target, t, scheduler.config), (w * per_sample).mean(), rtol=1e-4,
+                               atol=0)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_diffusion_loss_names_bad_arguments(weighting):
+    """issue 17 item 13: clear errors, also where weighting="none" would not use the argument."""
+    scheduler = DDPMScheduler()
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"prediction_type must be one of .*'score'"):
+        diffusion_loss(x, x, t, scheduler, weighting, prediction_type="score")
+    with pytest.raises(ValueError, match=r"model_output must have a batch dimension .*got shape \(2,\)"):
+        diffusion_loss(torch.zeros(2), torch.zeros(2), t, scheduler, weighting)
+    with pytest.raises(ValueError, match=r"target must have a batch dimension"):
+        diffusion_loss(x, torch.zeros(2), t, scheduler, weighting)
+    with pytest.raises(TypeError, match="model_output must be a floating-point tensor"):
+        diffusion_loss([0.0, 1.0], x, t, scheduler, weighting)
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        diffusion_loss(x, x, t, scheduler, weighting, gamma=True)
+    with pytest.raises(ValueError, match="reduction"):
+        diffusion_loss(x, x, t, scheduler, weighting, reduction="sum")
+    assert diffusion_loss(x, x, t, scheduler, weighting, prediction_type="v_prediction").item() == 0.0

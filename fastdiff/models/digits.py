@@ -11,16 +11,21 @@ transformer is diffusers' ``PixArtTransformer2DModel`` unchanged; the weights sh
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, PixArtTransformer2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+# diffusers' step-end callback: (pipe, step_index, timestep, callback_kwargs) -> callback_kwargs to use
+StepEndCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # label used for the unconditional branch of classifier-free guidance
@@ -94,6 +99,7 @@ class DigitsPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "class_embedder->transformer"
+    _callback_tensor_inputs = ["latents", "encoder_hidden_states"]
 
     def __init__(self, transformer: PixArtTransformer2DModel, class_embedder: ClassEmbedder, scheduler: SchedulerMixin):
         super().__init__()
@@ -184,6 +190,8 @@ class DigitsPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: StepEndCallback | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         """Sample digits of the given classes.
 
@@ -196,6 +204,13 @@ class DigitsPipeline(DiffusionPipeline):
             latents: optional initial noise ``[B, 1, 16, 16]`` (before ``init_noise_sigma`` scaling).
             output_type: ``"pil"``, ``"pt"`` (``[B, 1, 16, 16]`` in [0, 1]) or ``"np"`` (``[B, 16, 16, 1]``).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every denoising step as diffusers pipelines do,
+                ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` with ``callback_kwargs``
+                holding the tensors named in ``callback_on_step_end_tensor_inputs``; it returns a dict, whose
+                ``"latents"`` / ``"encoder_hidden_states"`` entries (if any) replace those tensors for the
+                following steps. A diffusers ``PipelineCallback`` brings its own tensor inputs.
+            callback_on_step_end_tensor_inputs: which of ``"latents"`` and ``"encoder_hidden_states"`` (the
+                CFG batch ``[uncond; cond]`` of class tokens) the callback receives; default ``["latents"]``.
         """
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
@@ -203,6 +218,7 @@ class DigitsPipeline(DiffusionPipeline):
             raise TypeError(f"guidance_scale must be a number (<= 1 disables CFG), got {guidance_scale!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        tensor_inputs = self._check_step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1
         device = self._execution_device
         encoder_hidden_states = self.encode_class_labels(class_labels, num_images_per_prompt, do_cfg)
@@ -219,10 +235,15 @@ class DigitsPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        self._num_timesteps = len(self.scheduler.timesteps)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             model_output = self.predict_noise(model_input, t, encoder_hidden_states, guidance_scale)
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "encoder_hidden_states": encoder_hidden_states}
+                tensors = self._run_step_end_callback(callback_on_step_end, i, t, tensors, tensor_inputs)
+                latents, encoder_hidden_states = tensors["latents"], tensors["encoder_hidden_states"]
 
         image = (latents.float() / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -233,6 +254,44 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) call, as diffusers pipelines expose it to callbacks."""
+        return self._num_timesteps
+
+    def _check_step_end_callback(self, callback: object, tensor_inputs: object) -> list[str]:
+        """The tensor names the step-end callback receives, validated as diffusers' ``check_inputs`` does."""
+        if callback is not None and not callable(callback):
+            raise TypeError("callback_on_step_end must be callable as callback(pipe, step_index, timestep, "
+                            f"callback_kwargs) -> dict, or a diffusers PipelineCallback; got {type(callback).__name__}")
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)):
+            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names from "
+                            f"{self._callback_tensor_inputs}, got {tensor_inputs!r}")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+                             f"got {unknown}")
+        return list(tensor_inputs)
+
+    def _run_step_end_callback(self, callback: StepEndCallback, step_index: int, timestep: torch.Tensor,
+                               tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """Call the step-end callback with the requested tensors; its returned entries replace them."""
+        outputs = callback(self, step_index, timestep, {k: tensors[k] for k in names})
+        if not isinstance(outputs, Mapping):
+            raise TypeError(f"callback_on_step_end must return a dict (e.g. the callback_kwargs it was given), got "
+                            f"{type(outputs).__name__} at step {step_index}")
+        new = dict(tensors)
+        for name, old in tensors.items():
+            value = outputs.get(name, old)
+            if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"callback_on_step_end returned {name!r} of {got} at step {step_index}; it must be "
+                                 f"a tensor of shape {tuple(old.shape)}")
+            new[name] = value
+        return new
 
 
 def init_pixart_weights(transformer: PixArtTransformer2DModel) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -118,7 +119,9 @@ def sample_parallel(
             (module docstring); default ``DEFAULT_TOLERANCE[method]`` (Newton 3e-4, the others 0.1). ``0`` is
             the exact mode: the result equals sequential sampling to float precision.
         init: how new points start: ``"gaussian"`` (model-based extrapolation) or ``"copy"`` (ParaDiGMS).
-        max_rounds: stop after this many rounds (``stats.converged`` is then False); default ``K``.
+        max_rounds: stop after this many rounds; default ``K`` (always enough). A run it (or ``block_iters``)
+            stops before convergence has ``stats.converged = False`` and issues a ``UserWarning`` naming the
+            cap and the last residual.
         data_variance: prior per-coordinate data variance ``c^2`` of the Gaussian model (1 for unit-scaled data).
         first_output: the model output at ``x`` for step 0 if already computed (a pipeline's own first
             call); counted as one round and used as a free warm start.
@@ -133,10 +136,13 @@ def sample_parallel(
 
     Returns:
         ``(x_K, stats)``. Raises :class:`~.steps.NonFiniteLatentError` naming the step whose exact update
-        is non-finite.
+        is non-finite; a ``TypeError``/``ValueError`` naming the argument for a ``step_map`` that is not a
+        :class:`~.steps.StepMap`, non-finite ``x`` or ``noise``, bad options, or a denoiser whose output does
+        not have its input's shape (at the first round).
     """
-    check_options(method, window, tolerance, init, max_rounds, sync_every)
-    _check(x, noise, step_map, first_output)
+    check_options(method, window, tolerance, init, max_rounds, sync_every, data_variance=data_variance,
+                  block_iters=block_iters)
+    _check(step_map, denoiser, x, noise, first_output)
     num = step_map.num_steps
     window = num if window is None else min(window, num)
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
@@ -146,39 +152,76 @@ def sample_parallel(
         solver.run_blocks(max_rounds, block_iters, first_output)
     else:
         solver.run_sliding(max_rounds, first_output)
-    return solver.result()
+    out, stats = solver.result()
+    if not stats.converged:
+        cause = f"max_rounds={max_rounds}" if stats.rounds >= (max_rounds or math.inf) else f"block_iters={block_iters}"
+        warnings.warn(
+            f"parallel sampling ({method}) stopped by {cause} before converging: the result may differ from "
+            f"sequential sampling (last round's rms update {stats.residual:.3g} in latent units, tolerance "
+            f"{stats.tolerance:g}, {stats.rounds} rounds for {stats.num_steps} steps); raise {cause.split('=')[0]} "
+            "or leave it at its default (None) to converge",
+            UserWarning, stacklevel=2,
+        )
+    return out, stats
 
 
 def check_options(method: str, window: int | None, tolerance: float | None, init: str = "gaussian",
-                  max_rounds: int | None = None, sync_every: int = 1) -> None:
+                  max_rounds: int | None = None, sync_every: int = 1, *, data_variance: float = 1.0,
+                  block_iters: float | None = None) -> None:
     """Validate :func:`sample_parallel`'s scalar options (``None`` window / tolerance: the defaults)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+    if window is not None and not _is_int(window, 1):
         raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if tolerance is not None and (
-        not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0
-    ):
+    if tolerance is not None and not _is_number(tolerance, 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 1):
+    if max_rounds is not None and not _is_int(max_rounds, 1):
         raise ValueError(f"max_rounds must be an int >= 1 or None, got {max_rounds!r}")
-    if not isinstance(sync_every, int) or sync_every < 1:
+    if not _is_int(sync_every, 1):
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    if not _is_number(data_variance, 0) or data_variance == 0:
+        raise ValueError(f"data_variance must be a finite number > 0, got {data_variance!r}")
+    if block_iters is not None and (not _is_number(block_iters, 0) or block_iters == 0):
+        raise ValueError(f"block_iters must be a finite number > 0 or None, got {block_iters!r}")
 
 
-def _check(x, noise, sm, first_output) -> None:
-    if not torch.is_floating_point(x) or x.ndim < 1:
-        raise TypeError("x must be a floating-point tensor [B, ...]")
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: object, low: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= low)
+
+
+def _check(sm: object, denoiser: object, x: object, noise: object, first_output: object) -> None:
+    if not isinstance(sm, StepMap):
+        raise TypeError(
+            f"step_map must be a fastdiff StepMap (fastdiff.samplers.steps.step_map_for(scheduler) builds one from a "
+            f"diffusers scheduler after set_timesteps), got {type(sm).__name__}"
+        )
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable as denoiser(model_input, t) -> model_output, got "
+                        f"{type(denoiser).__name__}")
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 1:
+        raise TypeError(f"x must be a floating-point tensor [B, ...], got {type(x).__name__}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x (the initial latents) contains NaN or inf")
-    if sm.stochastic and (noise is None or tuple(noise.shape) != (sm.num_steps, *x.shape)):
+    shape = (sm.num_steps, *x.shape)
+    if sm.stochastic and noise is None:
         raise ValueError(
-            f"step map {sm.name!r} is stochastic: pass noise of shape {(sm.num_steps, *x.shape)} "
+            f"step map {sm.name!r} is stochastic: pass noise of shape {shape} "
             "(fastdiff.samplers.steps.draw_noise draws it as the scheduler would)"
         )
-    if first_output is not None and first_output.shape != x.shape:
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a tensor of shape {shape} ([num_steps, *x.shape]), got {got}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise (the pre-drawn step noise) contains NaN or inf")
+    if first_output is not None and (not isinstance(first_output, torch.Tensor) or first_output.shape != x.shape):
         raise ValueError(f"first_output must have the latents' shape {tuple(x.shape)}")
 
 
@@ -340,7 +383,13 @@ class _Solver:
         sm = self.sm
         u = model_input(sm, k, xs)
         t = sm.timesteps.to(k.device)[k].repeat_interleave(self.B)
-        out = self.den(u.flatten(0, 1), t).reshape(xs.shape).to(xs.dtype)
+        inputs = u.flatten(0, 1)
+        out = self.den(inputs, t)
+        if not isinstance(out, torch.Tensor) or out.shape != inputs.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"denoiser returned {got} for model input of shape {tuple(inputs.shape)}: it must "
+                             "return one model output per input item, of the input's shape")
+        out = out.reshape(xs.shape).to(xs.dtype)
         x0, eps = denoise(sm, k, xs, out)
         if self.method == "newton":
             self.secant(k, u, x0)

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers.utils import BaseOutput
 
 from .parallel import ParallelStats, check_options, sample_parallel, split_denoiser
 from .steps import Denoiser, draw_noise, step_map_for, supported_schedulers
@@ -52,6 +54,24 @@ def supported_pipelines() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+@dataclass
+class ParallelPipelineOutput(BaseOutput):
+    """What :func:`parallel_sample` returns: the pipeline's images and the run's statistics.
+
+    Args:
+        images: the pipeline's images, in its ``output_type`` (PIL list, numpy array or tensor).
+        stats: the parallel solve's cost and convergence (:class:`~fastdiff.samplers.parallel.ParallelStats`).
+        nsfw_content_detected: Stable Diffusion's safety-checker flags, when the pipeline returned them.
+
+    A ``BaseOutput``: fields by attribute or key, and ``to_tuple()`` (what ``return_dict=False`` returns)
+    gives ``(images, stats)``, then ``nsfw_content_detected`` where present.
+    """
+
+    images: list | np.ndarray | torch.Tensor
+    stats: ParallelStats
+    nsfw_content_detected: list[bool] | None = None
+
+
 def parallel_sample(
     pipe: Any,
     *args: Any,
@@ -63,43 +83,41 @@ def parallel_sample(
     sync_every: int = 1,
     distributed: bool | None = None,
     **pipe_kwargs: Any,
-) -> Any:
+) -> ParallelPipelineOutput | tuple:
     """``pipe(*args, **pipe_kwargs)``, sampled by a parallel-in-time fixed-point solve.
 
-    Takes the pipeline's own arguments and returns its own output (``.images`` ...), with the run's
-    :class:`~fastdiff.samplers.parallel.ParallelStats` as ``output.stats`` (also on a ``return_dict=False``
-    tuple). ``method``, ``window``, ``tolerance``, ``init``, ``max_rounds`` and ``sync_every`` are those of
-    :func:`~fastdiff.samplers.parallel.sample_parallel`; ``tolerance=0`` gives the images ``pipe(...)`` gives
+    Takes the pipeline's own arguments and returns a :class:`ParallelPipelineOutput` (``.images``, and the
+    run's :class:`~fastdiff.samplers.parallel.ParallelStats` as ``.stats``), or with ``return_dict=False`` its
+    tuple ``(images, stats[, nsfw_content_detected])``. ``method``, ``window``, ``tolerance``, ``init``,
+    ``max_rounds`` and ``sync_every`` are those of :func:`~fastdiff.samplers.parallel.sample_parallel` (a run
+    that ``max_rounds`` stops before convergence warns); ``tolerance=0`` gives the images ``pipe(...)`` gives
     (to float precision), stochastic schedulers included, for the same ``generator``. ``window`` counts
     trajectory points per model call (the model batch is ``window x batch x 2`` with guidance).
     ``distributed`` splits each window across the ``torch.distributed`` processes (default: when a process
     group with more than one process is initialised); every process then returns the same images.
-    Step callbacks run once, on the final latents.
+    Step callbacks (``callback_on_step_end``) run once, after the solve, on the final latents.
     """
     adapter = _adapter_for(pipe)
     check_options(method, window, tolerance, init, max_rounds, sync_every)  # before the pipeline runs
     _check_scheduler(pipe.scheduler)
     if pipe_kwargs.get("denoising_end") is not None:
         raise ValueError("denoising_end is not supported by parallel sampling")
-    call = inspect.signature(type(pipe).__call__).bind(pipe, *args, **pipe_kwargs)
+    signature = inspect.signature(type(pipe).__call__)
+    call = signature.bind(pipe, *args, **pipe_kwargs)
     call.apply_defaults()
+    return_dict = call.arguments.get("return_dict", True)
+    run_call = signature.bind(pipe, *args, **pipe_kwargs)  # the pipeline's own call, returning its dataclass
+    if "return_dict" in signature.parameters:
+        run_call.arguments["return_dict"] = True
     options = dict(method=method, window=window, tolerance=tolerance, init=init, max_rounds=max_rounds,
                    sync_every=sync_every)
     run = _ParallelRun(pipe, adapter, dict(call.arguments), options, distributed)
     with run:
-        output = pipe(*args, **pipe_kwargs)
+        output = pipe(*run_call.args[1:], **run_call.kwargs)
     if run.stats is None:
         raise RuntimeError(f"{type(pipe).__name__} never called scheduler.step; nothing was sampled")
-    if isinstance(output, tuple):
-        output = _StatsTuple(output)
-    output.stats = run.stats
-    return output
-
-
-class _StatsTuple(tuple):
-    """A pipeline's ``return_dict=False`` tuple, unchanged, with a ``.stats`` attribute."""
-
-    stats: ParallelStats
+    result = ParallelPipelineOutput(stats=run.stats, **dict(output.items()))
+    return result if return_dict else result.to_tuple()
 
 
 def _adapter_for(pipe: Any) -> _Adapter:
@@ -307,4 +325,4 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-__all__ = ["parallel_sample", "supported_pipelines"]
+__all__ = ["ParallelPipelineOutput", "parallel_sample", "supported_pipelines"]

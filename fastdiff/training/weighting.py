@@ -84,6 +84,17 @@ def check_weighting(weighting: str) -> str:
     return weighting
 
 
+def _check_options(weighting: str, gamma: float, prediction_type: str | None) -> str:
+    """Validate the weighting options shared by :func:`loss_weight` and :func:`diffusion_loss` (also where
+    ``weighting="none"`` would not use them); returns ``weighting``."""
+    check_weighting(weighting)
+    if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
+    return weighting
+
+
 def _schedule(scheduler: object) -> NoiseSchedule:
     return scheduler if isinstance(scheduler, NoiseSchedule) else NoiseSchedule.from_config(scheduler)
 
@@ -114,9 +125,7 @@ def loss_weight(
         gamma: the Min-SNR clip (Hang et al. use 5), > 0.
         prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``; default: the scheduler's.
     """
-    forms = _FORMS[check_weighting(weighting)]
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    forms = _FORMS[_check_options(weighting, gamma, prediction_type)]
     schedule = _schedule(scheduler)
     prediction_type = check_prediction_type(prediction_type or scheduler_prediction_type(scheduler))
     alpha, sigma = schedule.alpha(timesteps), schedule.sigma(timesteps)
@@ -154,8 +163,15 @@ def diffusion_loss(
         prediction_type: override of the scheduler's ``prediction_type`` (``flow`` for flow matching).
         reduction: ``"mean"`` (a scalar) or ``"none"`` (per-sample ``[B]``).
     """
+    _check_options(weighting, gamma, prediction_type)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'none'), got {reduction!r}")
+    for name, value in (("model_output", model_output), ("target", target)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor [B, ...], got {_describe(value)}")
+        if value.ndim < 2:
+            raise ValueError(f"{name} must have a batch dimension and at least one sample dimension ([B, ...]), "
+                             f"got shape {tuple(value.shape)}")
     if model_output.shape != target.shape:
         raise ValueError(f"model_output {tuple(model_output.shape)} and target {tuple(target.shape)} differ in shape")
     timesteps = torch.as_tensor(timesteps, device=model_output.device).reshape(-1)
@@ -163,9 +179,15 @@ def diffusion_loss(
         raise ValueError(f"timesteps must hold one value per sample ({model_output.shape[0]}), got {timesteps.numel()}")
     dtype = torch.promote_types(model_output.dtype, torch.float32)
     per_sample = (model_output.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
-    if check_weighting(weighting) != "none":
+    if weighting != "none":
         per_sample = per_sample * loss_weight(timesteps, scheduler, weighting, gamma, prediction_type).to(dtype)
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 # ------------------------------------------------------------------------------------------ timesteps
