@@ -1,30 +1,30 @@
-"""Few-step sampling: accelerated DDIM / DDPM and DualFast vs diffusers' DDIM, DPM-Solver++ 2M/3M, UniPC, DEIS.
+"""Few-step samplers: fastdiff's accelerated DDIM and DualFast vs every diffusers multistep scheduler.
 
-    python benchmarks/few_step.py                      # default run (oracle + digits at NFE 5, 10), ~10 min, 2 cores
-    python benchmarks/few_step.py --skip-digits        # oracle only (~4 min)
-    python benchmarks/few_step.py --digits-nfe 5,6,8,10,15,20,50 --digits-images 300   # the reported run (~1 h)
+    python benchmarks/few_step.py --sections oracle,order,dualfast   # exact-score parts (~8 min, 1 core)
+    python benchmarks/few_step.py --sections digits                  # FD-digits on the embedded model
+    python benchmarks/few_step.py --render-only                      # re-render few_step.md from the JSON
 
-(a) Gaussian-mixture oracle (``fastdiff.testing.make_gaussian_mixture(dim=64, num_components=8)``: exact score,
-SD scaled-linear betas, trailing spacing, clip_sample off). Every sampler starts from the same ``x_T`` and runs in
-float32 like a pipeline; errors are rms over all coordinates of all samples against
+Every run merges its sections into ``benchmarks/results/few_step.json`` (older sections stay, each with its
+own date and settings) and re-renders ``few_step.md`` / ``few_step.png``.
 
-* ``rms_vs_ddim1000``: diffusers' DDIM with 1000 steps (float64), the reference the issue names; it ends at
-  timestep 0 (``set_alpha_to_one=False``), as DDIM, DEIS and the accelerated DDIM do;
-* ``rms_vs_exact``: the exact probability-flow ODE solution (``oracle.solve_ode``) at the sampler's *own*
-  endpoint (timestep 0, or ``sigma = 0`` for DPM-Solver++ / UniPC whose ``final_sigmas_type`` is "zero"). This is
-  the fair column; the 1000-step reference has its own error (``reference.ddim1000_vs_exact``).
+**oracle**: three exact-score anisotropic Gaussian mixtures (``fastdiff.testing.make_anisotropic_mixture``,
+seeds the dev experiments did not use), each with its own schedule, spacing and prediction type (table
+``ORACLES``). Every sampler starts from the same ``x_T`` (pure noise at ``t = T - 1``) and runs in float32 like a
+pipeline; its error is the rms over all coordinates against the exact probability-flow ODE solution
+(``oracle.solve_ode``, float64) from ``x_T`` to the sampler's own endpoint (``alphas_cumprod[0]`` or ``sigma = 0``).
+Measures: ``rms`` over all samples; ``rms_right`` over the samples the sampler sends to the exact solution's
+mixture component; ``rms_common`` over the samples that *every* sampler of the table sends to the right component.
+Baselines: every diffusers multistep scheduler with its spacing options (Karras sigmas) and final-sigma variants
+(``BASELINES``); NFE counts real model calls.
 
-With sharp, well separated components, few-step error is dominated by a few samples that end in a different
-component than the exact solution; ``switched`` counts them and ``rms_unswitched`` is the error of the rest.
-Baselines run with their diffusers defaults and, as extra rows, with Karras sigmas (their best grid option here);
-``accel_ddim_karras`` runs the accelerated DDIM on the very same Karras grid (custom timesteps).
+**order**: measured order of convergence of the accelerated update on fractional grids uniform in ``t`` from 999
+to 100 (every step refines), on a smooth single-Gaussian oracle and on the first mixture.
 
-(b) the embedded digits model (``fastdiff.models.load_embedded_pipeline``): FD-digits and class accuracy of
-``--digits-images`` samples per cell, same initial noise and labels for every cell (``fastdiff.compare``).
+**dualfast**: on an exact score (no approximation error) DualFast can only add error; the change it makes vs the
+base solver's own error, per NFE.
 
-Also recorded: measured order of convergence on a grid that refines everywhere, and the stochastic samplers
-(DDPM vs accelerated DDPM) by sliced Wasserstein distance to fresh data. Dev experiments that chose
-fastdiff's defaults used other mixtures and other seeds than the ones reported here.
+**digits**: FD-digits and class accuracy of ``--digits-images`` samples per cell on the embedded digits model
+(``fastdiff.compare.run_compare``: same noise and labels in every cell, the pipeline's default guidance scale).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-NFES = [5, 6, 8, 10, 15, 20, 50]
-BASELINES = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"]
-OURS = ["accel_ddim", "accel_ddim_paper", "accel_ddim_exact_score", "accel_ddim_dualfast", "ddim_dualfast",
-        "dpmpp_2m_dualfast"]
-KARRAS = ["dpmpp_2m_karras", "unipc_karras", "deis_karras", "accel_ddim_karras"]
-DIGITS_SAMPLERS = BASELINES + ["accel_ddim", "accel_ddim_dualfast", "dpmpp_2m_dualfast", "ddpm", "accel_ddpm"]
+NFES = [5, 6, 8, 10, 15, 20]
+SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+      "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+LINEAR = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+          "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 0}
+ORACLES: dict[str, dict[str, Any]] = {
+    "A: 48-d, 5 comp., scaled-linear, trailing, eps": dict(
+        mixture=dict(dim=48, num_components=5, std_range=(0.02, 0.6), seed=101),
+        config={**SD, "timestep_spacing": "trailing", "prediction_type": "epsilon"}),
+    "B: 24-d, 3 comp., linear, linspace, v": dict(
+        mixture=dict(dim=24, num_components=3, std_range=(0.05, 0.8), mean_scale=1.5, seed=202),
+        config={**LINEAR, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}),
+    "C: 64-d, 6 comp., scaled-linear, leading, eps": dict(
+        mixture=dict(dim=64, num_components=6, std_range=(0.03, 0.4), seed=303),
+        config={**SD, "timestep_spacing": "leading", "prediction_type": "epsilon"}),
+}
+OURS = ["accel_ddim", "accel_ddim_paper", "accel_ddim_exact_score", "accel_ddim_data"]
+DUALFAST_PAIRS = {"ddim": "ddim_dualfast", "dpmpp_2m": "dpmpp_2m_dualfast", "unipc": "unipc_dualfast",
+                  "accel_ddim": "accel_ddim_dualfast"}
+DIGITS_SAMPLERS = ["ddim", "ddim_dualfast", "ddim_dualfast_prediction", "dpmpp_2m", "dpmpp_2m_dualfast",
+                   "dpmpp_2m_dualfast_prediction", "unipc", "unipc_dualfast", "unipc_dualfast_prediction",
+                   "accel_ddim", "accel_ddim_dualfast"]
 
 
 def environment() -> dict[str, Any]:
@@ -62,421 +79,448 @@ def environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": f"cpu: {cpu}",
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "argv": sys.argv[1:]}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": f"cpu: {cpu}", "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "argv": sys.argv[1:]}
 
 
-# ------------------------------------------------------------------------------------------------ oracle
-def make_scheduler(name: str, config: dict[str, Any]):
-    """Registry samplers plus the Karras-grid rows of this benchmark."""
-    import diffusers
+# ------------------------------------------------------------------------------------------------ samplers
+def _baselines() -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """Every diffusers multistep scheduler, with Karras sigmas and both final-sigma types where it has them."""
+    import diffusers as d
 
+    out: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "ddim": lambda c: d.DDIMScheduler.from_config(c),
+        "pndm": lambda c: d.PNDMScheduler.from_config(c, skip_prk_steps=True),
+        "lms": lambda c: d.LMSDiscreteScheduler.from_config(c),
+        "lms_karras": lambda c: d.LMSDiscreteScheduler.from_config(c, use_karras_sigmas=True),
+        "sa_solver": lambda c: d.SASolverScheduler.from_config(c, tau_func=lambda t: 0),  # deterministic
+    }
+    for karras in (False, True):
+        k = "_karras" if karras else ""
+        kw = {"use_karras_sigmas": True} if karras else {}
+        out[f"deis{k}"] = lambda c, kw=kw: d.DEISMultistepScheduler.from_config(c, **kw)
+        for final in ("zero", "sigma_min"):
+            fk = {**kw, "final_sigmas_type": final}
+            tag = f"{k}_{final}"
+            out[f"dpmpp_2m{tag}"] = lambda c, fk=fk: d.DPMSolverMultistepScheduler.from_config(
+                c, algorithm_type="dpmsolver++", solver_order=2, **fk)
+            out[f"dpmpp_3m{tag}"] = lambda c, fk=fk: d.DPMSolverMultistepScheduler.from_config(
+                c, algorithm_type="dpmsolver++", solver_order=3, **fk)
+            for bh in ("bh1", "bh2"):
+                out[f"unipc_{bh}{tag}"] = lambda c, fk=fk, bh=bh: d.UniPCMultistepScheduler.from_config(
+                    c, solver_type=bh, **fk)
+    return out
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """Registry samplers, this benchmark's named variants, and the diffusers baselines."""
+    from fastdiff.samplers.accelerated_ddim import AcceleratedDDIMScheduler
+    from fastdiff.samplers.registry import available_samplers
     from fastdiff.samplers.registry import make_scheduler as registry_scheduler
 
-    if name == "dpmpp_2m_karras":
-        return diffusers.DPMSolverMultistepScheduler.from_config(config, solver_order=2, use_karras_sigmas=True)
-    if name == "unipc_karras":
-        return diffusers.UniPCMultistepScheduler.from_config(config, use_karras_sigmas=True)
-    if name == "deis_karras":
-        return diffusers.DEISMultistepScheduler.from_config(config, use_karras_sigmas=True)
-    if name == "accel_ddim_karras":
-        return registry_scheduler("accel_ddim", config)
     if name == "accel_ddim_exact_score":
-        from fastdiff import AcceleratedDDIMScheduler
-
         return AcceleratedDDIMScheduler.from_config(config, max_step_ratio=None)
-    return registry_scheduler(name, config)
+    if name == "accel_ddim_data":
+        return AcceleratedDDIMScheduler.from_config(config, solver_space="data", interpolation="log_snr")
+    if name.endswith("_prediction") and name[: -len("_prediction")] in available_samplers():
+        sched = registry_scheduler(name[: -len("_prediction")], config)
+        return type(sched).from_config(sched.config, dualfast_variant="prediction")
+    if name.startswith("dualfast_scale"):  # dualfast_scale<scale>:<sampler>
+        scale, base = name[len("dualfast_scale"):].split(":")
+        sched = registry_scheduler(base, config)
+        return type(sched).from_config(sched.config, dualfast_scale=float(scale))
+    if name in available_samplers():
+        return registry_scheduler(name, config)
+    return _baselines()[name](config)
 
 
-def karras_timesteps(config: dict[str, Any], n: int) -> list[int]:
-    """The integer timesteps diffusers' DPM-Solver++ uses with ``use_karras_sigmas=True``."""
-    import diffusers
+def endpoint(sched: Any) -> str:
+    """Where a scheduler's last step lands (after ``set_timesteps``): ``"t0"`` (alphas_cumprod[0]) or ``"zero"``
+    (sigma = 0): from the final entry of its ``sigmas``, else from ``set_alpha_to_one``."""
+    sigmas = getattr(sched, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+        return "zero" if float(sigmas[-1]) == 0.0 else "t0"
+    return "zero" if sched.config.get("set_alpha_to_one", False) else "t0"
 
-    sched = diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
+
+def run_sampler(sched: Any, model: Any, x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     sched.set_timesteps(n)
-    ts = sorted({int(t) for t in sched.timesteps.tolist()}, reverse=True)
-    return ts
-
-
-def endpoint(sched) -> str:
-    """Where a scheduler's last step lands: ``"t0"`` (alphas_cumprod[0]) or ``"zero"`` (sigma = 0)."""
-    cfg = sched.config
-    if "final_sigmas_type" in cfg:
-        return "zero" if cfg.final_sigmas_type == "zero" else "t0"
-    if "set_alpha_to_one" in cfg and type(sched).__name__ != "DEISMultistepScheduler":
-        return "zero" if cfg.set_alpha_to_one else "t0"
-    return "t0"
-
-
-def run_sampler(sched, model, x, n: int, timesteps: list[int] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    if timesteps is None:
-        sched.set_timesteps(n)
-    else:
-        sched.set_timesteps(timesteps=timesteps)
     x = x * sched.init_noise_sigma
-    kwargs = {"generator": generator} if generator is not None else {}
+    calls = 0
     for t in sched.timesteps:
-        x = sched.step(model(sched.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
-    return x
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+        calls += 1
+    return x, calls
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()) ** 2).mean().sqrt().item()
+    return ((a.double() - b.double()) ** 2).mean().sqrt().item() if a.numel() else float("nan")
 
 
+# ------------------------------------------------------------------------------------------------ oracle
 def oracle_section(args: argparse.Namespace) -> dict[str, Any]:
-    import diffusers
+    from fastdiff.testing import make_anisotropic_mixture
 
-    from fastdiff.testing import SD_SCHEDULER_CONFIG, make_gaussian_mixture
+    names = list(_baselines()) + OURS + list(DUALFAST_PAIRS.values())
+    out: dict[str, Any] = {"nfe": list(args.nfe), "samples": args.oracle_samples, "oracles": {}}
+    for label, spec in ORACLES.items():
+        if args.oracles and label.split(":")[0] not in args.oracles:
+            continue
+        t0 = time.perf_counter()
+        config = spec["config"]
+        oracle = make_anisotropic_mixture(scheduler_config=config, prediction_type=config["prediction_type"],
+                                          **spec["mixture"])
+        dim = spec["mixture"]["dim"]
+        x_T = torch.randn(args.oracle_samples, dim, generator=torch.Generator().manual_seed(args.seed),
+                          dtype=torch.float64)
+        top = config["num_train_timesteps"] - 1
+        exact = {"t0": oracle.solve_ode(x_T, top, 0, steps=args.ode_steps),
+                 "zero": oracle.solve_ode(x_T, top, None, steps=args.ode_steps)}
+        check = oracle.solve_ode(x_T[:64], top, 0, steps=args.ode_steps // 2)
 
-    config = dict(SD_SCHEDULER_CONFIG)
-    oracle = make_gaussian_mixture(dim=64, num_components=8)
-    x_T = torch.randn(args.oracle_samples, 64, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    t0 = time.perf_counter()
-    ref = run_sampler(diffusers.DDIMScheduler.from_config(config), oracle, x_T, 1000)
-    exact = {"t0": oracle.solve_ode(x_T, 999, 0, steps=args.ode_steps),
-             "zero": oracle.solve_ode(x_T, 999, None, steps=args.ode_steps)}
-    print(f"[oracle] references in {time.perf_counter() - t0:.0f}s: ddim1000 vs exact rms "
-          f"{rms(ref, exact['t0']):.5f}", flush=True)
+        def component(x: torch.Tensor, means: torch.Tensor = oracle.means) -> torch.Tensor:
+            return torch.cdist(x.double(), means).argmin(1)
 
-    def component(x: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(x.double(), oracle.means).argmin(1)
-
-    from fastdiff.samplers.registry import sampler_spec
-
-    rows: dict[str, Any] = {}
-    for name in args.samplers:
-        row = {"rms_vs_ddim1000": [], "rms_vs_exact": [], "switched": [], "rms_unswitched": [], "endpoint": None,
-               "description": _describe(name, sampler_spec)}
-        for n in args.nfe:
-            sched = make_scheduler(name, config)
-            ts = karras_timesteps(config, n) if name == "accel_ddim_karras" else None
-            x = run_sampler(sched, oracle, x_T.float(), n, ts).double()
-            end = endpoint(sched)
-            target = exact[end]
-            switched = component(x) != component(target)
-            row["endpoint"] = end
-            row["rms_vs_ddim1000"].append(rms(x, ref))
-            row["rms_vs_exact"].append(rms(x, target))
-            row["switched"].append(int(switched.sum()))
-            row["rms_unswitched"].append(rms(x[~switched], target[~switched]) if (~switched).any() else float("nan"))
-        rows[name] = row
-        print(f"[oracle] {name:22s} " + " ".join(f"{e:.4f}" for e in row["rms_vs_exact"]), flush=True)
-    return {"setup": {"oracle": "make_gaussian_mixture(dim=64, num_components=8)", "scheduler_config": config,
-                      "samples": args.oracle_samples, "seed": args.seed, "dtype": "float32 samplers, float64 refs",
-                      "ode_steps": args.ode_steps},
-            "nfe": list(args.nfe),
-            "reference": {"ddim1000_vs_exact": rms(ref, exact["t0"]), "exact_t0_vs_zero": rms(exact["t0"], exact["zero"])},
-            "samplers": rows}
+        right_comp = {k: component(v) for k, v in exact.items()}
+        rows: dict[str, Any] = {}
+        finals: dict[str, list[tuple[torch.Tensor, str]]] = {}
+        for name in names:
+            row = {"rms": [], "rms_right": [], "wrong": [], "endpoint": None, "nfe_calls": []}
+            finals[name] = []
+            for n in args.nfe:
+                sched = make_scheduler(name, config)
+                x, calls = run_sampler(sched, oracle, x_T.float(), n)
+                end = endpoint(sched)
+                ok = component(x) == right_comp[end]
+                row["endpoint"] = end
+                row["nfe_calls"].append(calls)
+                valid = calls == n
+                row["rms"].append(rms(x, exact[end]) if valid else float("nan"))
+                row["rms_right"].append(rms(x[ok], exact[end][ok]) if valid else float("nan"))
+                row["wrong"].append(int((~ok).sum()))
+                finals[name].append((x.double(), end, ok))
+            rows[name] = row
+        for j in range(len(args.nfe)):  # samples every sampler sends to the right component
+            common = torch.stack([finals[nm][j][2] for nm in names]).all(0)
+            for nm in names:
+                x, end, _ = finals[nm][j]
+                rows[nm].setdefault("rms_common", []).append(rms(x[common], exact[end][common]))
+                rows[nm].setdefault("common_samples", []).append(int(common.sum()))
+        out["oracles"][label] = {"config": config, "mixture": spec["mixture"], "samplers": rows,
+                                 "exact_check_rms": rms(check, exact["t0"][:64]),
+                                 "seconds": time.perf_counter() - t0}
+        best = _best_baseline(rows, "rms", len(args.nfe))
+        print(f"[oracle {label}] {time.perf_counter() - t0:.0f}s; accel_ddim / best diffusers: " + " ".join(
+            f"{rows['accel_ddim']['rms'][j] / best[j][1]:.2f}" for j in range(len(args.nfe))), flush=True)
+    return out
 
 
-def _describe(name: str, spec) -> str:
-    extra = {"dpmpp_2m_karras": "DPM-Solver++ 2M, Karras sigmas (diffusers)",
-             "unipc_karras": "UniPC, Karras sigmas (diffusers)", "deis_karras": "DEIS, Karras sigmas (diffusers)",
-             "accel_ddim_karras": "accelerated DDIM on DPM-Solver++'s Karras grid (custom timesteps)",
-             "accel_ddim_exact_score": "accelerated DDIM without the step-ratio limit (max_step_ratio=None): "
-                                       "for exact scores only"}
-    return extra.get(name) or spec(name).description
+def _best_baseline(rows: dict[str, Any], key: str, n: int) -> list[tuple[str, float]]:
+    base = [b for b in _baselines() if b in rows]
+    out = []
+    for j in range(n):
+        vals = {b: rows[b][key][j] for b in base if rows[b][key][j] == rows[b][key][j]}
+        name = min(vals, key=vals.get)
+        out.append((name, vals[name]))
+    return out
 
 
+# ------------------------------------------------------------------------------------------------ order
 def order_section(args: argparse.Namespace) -> dict[str, Any]:
     """Measured order on fractional grids uniform in t from 999 to 100 (every step refines)."""
     from fastdiff.samplers.accelerated_ddim import accelerated_step_coefficients
-    from fastdiff.testing import make_gaussian_mixture
+    from fastdiff.testing import AnisotropicGaussianMixtureDenoiser, make_anisotropic_mixture
 
-    oracle = make_gaussian_mixture(dim=64, num_components=8)
-    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
-    exact = oracle.solve_ode(x, 999, 100, steps=args.ode_steps)
-    variants = {"ddim": None, "accel_ddim": {}, "accel_ddim_paper": {"interpolation": "alphas_cumprod"}}
+    smooth_src = make_anisotropic_mixture(dim=16, num_components=1, std_range=(0.3, 1.0), seed=404,
+                                          scheduler_config={**SD, "timestep_spacing": "trailing"})
+    smooth = AnisotropicGaussianMixtureDenoiser(smooth_src.means, smooth_src.rotations, smooth_src.variances,
+                                                torch.ones(1), smooth_src.schedule)
+    mixture = make_anisotropic_mixture(scheduler_config=ORACLES[next(iter(ORACLES))]["config"],
+                                       **next(iter(ORACLES.values()))["mixture"])
+    variants = {"ddim": {"solver_order": 1}, "accel_ddim": {}, "accel_ddim_paper": {"interpolation": "alphas_cumprod",
+                                                                                     "max_step_ratio": None}}
     steps = [10, 20, 40, 80]
     out: dict[str, Any] = {"grid": "uniform in t, 999 -> 100 (fractional), exact ODE reference", "steps": steps}
-    for name, kw in variants.items():
-        errs = []
-        for n in steps:
-            grid = torch.linspace(999, 100, n + 1, dtype=torch.float64).tolist()
-            c = accelerated_step_coefficients(oracle.schedule, grid[:-1], grid[-1], **(kw or {}))
-            y, prev = x.clone(), None
-            for i, t in enumerate(grid[:-1]):
-                a, s = oracle.schedule.alpha(t).item(), oracle.schedule.sigma(t).item()
-                eps = oracle(y, t)
-                x0 = (y - s * eps) / a
-                y_next = c.alpha_next[i] * x0 + c.sigma_next[i] * eps
-                if kw is not None and prev is not None:
-                    y_next = y_next + c.correction[i] * (eps - prev)
-                y, prev = y_next, eps
-            errs.append(rms(y, exact))
-        orders = [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]
-        out[name] = {"rms_vs_exact": errs, "order": orders}
-        print(f"[order] {name:18s} errors {' '.join(f'{e:.2e}' for e in errs)} orders "
-              f"{' '.join(f'{o:.2f}' for o in orders)}", flush=True)
+    for oname, oracle in (("smooth (one anisotropic Gaussian, 16-d)", smooth), ("mixture A", mixture)):
+        x = torch.randn(128, oracle.dim, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
+        exact = oracle.solve_ode(x, 999, 100, steps=args.ode_steps)
+        res: dict[str, Any] = {}
+        for name, kw in variants.items():
+            errs = []
+            for n in steps:
+                grid = torch.linspace(999, 100, n + 1, dtype=torch.float64).tolist()
+                c = accelerated_step_coefficients(oracle.schedule, grid[:-1], grid[-1], **kw)
+                y, prev = x.clone(), None
+                for i, t in enumerate(grid[:-1]):
+                    a, s = oracle.schedule.alpha(t).item(), oracle.schedule.sigma(t).item()
+                    eps = oracle(y, t)
+                    y_next = c.alpha_next[i] * (y - s * eps) / a + c.sigma_next[i] * eps
+                    if prev is not None:
+                        y_next = y_next + c.correction[i] * (eps - prev)
+                    y, prev = y_next, eps
+                errs.append(rms(y, exact))
+            res[name] = {"rms": errs, "order": [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]}
+            print(f"[order {oname}] {name:18s} " + " ".join(f"{o:.2f}" for o in res[name]["order"]), flush=True)
+        out[oname] = res
     return out
 
 
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a.double() @ dirs).sort(0).values, (b.double() @ dirs).sort(0).values
-    return ((pa - pb) ** 2).mean().sqrt().item()
+# ------------------------------------------------------------------------------------------------ dualfast
+def dualfast_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Exact score: |error(base + DualFast) - error(base)| vs error(base), paper form and the old variant."""
+    from fastdiff.testing import make_anisotropic_mixture
 
-
-def stochastic_section(args: argparse.Namespace) -> dict[str, Any]:
-    from fastdiff.testing import SD_SCHEDULER_CONFIG, make_gaussian_mixture
-
-    config = dict(SD_SCHEDULER_CONFIG)
-    oracle = make_gaussian_mixture(dim=64, num_components=8)
-    n = args.oracle_samples
-    x_T = torch.randn(n, 64, generator=torch.Generator().manual_seed(args.seed + 2), dtype=torch.float64)
-    data = oracle.sample_data(n, generator=torch.Generator().manual_seed(args.seed + 3))
-    floor = sliced_w2(oracle.sample_data(n, generator=torch.Generator().manual_seed(args.seed + 4)), data)
-    out: dict[str, Any] = {"metric": "sliced W2 to fresh data samples (256 directions)", "data_vs_data": floor,
-                           "nfe": list(args.nfe)}
-    for name in ("ddpm", "accel_ddpm", "ddim", "accel_ddim"):
-        vals = []
-        for k in args.nfe:
-            sched = make_scheduler(name, config)
-            gen = torch.Generator().manual_seed(args.seed + 5)
-            x = run_sampler(sched, oracle, x_T.float(), k, generator=gen if "ddpm" in name else None)
-            vals.append(sliced_w2(x, data))
-        out[name] = vals
-        print(f"[stochastic] {name:12s} " + " ".join(f"{v:.4f}" for v in vals), flush=True)
-    return out
+    label = next(iter(ORACLES))
+    spec = ORACLES[label]
+    oracle = make_anisotropic_mixture(scheduler_config=spec["config"], **spec["mixture"])
+    x_T = torch.randn(256, spec["mixture"]["dim"], generator=torch.Generator().manual_seed(args.seed + 2),
+                      dtype=torch.float64)
+    exact = {"t0": oracle.solve_ode(x_T, 999, 0, steps=args.ode_steps),
+             "zero": oracle.solve_ode(x_T, 999, None, steps=args.ode_steps)}
+    nfes = list(args.nfe) + [40]
+    rows: dict[str, Any] = {}
+    for base, df in DUALFAST_PAIRS.items():
+        for name in (base, df, df + "_prediction"):
+            errs = []
+            for n in nfes:
+                sched = make_scheduler(name, spec["config"])
+                x, _ = run_sampler(sched, oracle, x_T.float(), n)
+                errs.append(rms(x, exact[endpoint(sched)]))
+            rows[name] = errs
+        print(f"[dualfast] {base:10s} base " + " ".join(f"{e:.4f}" for e in rows[base]) + " | paper " +
+              " ".join(f"{e:.4f}" for e in rows[df]), flush=True)
+    return {"oracle": label, "nfe": nfes, "samples": 256, "rms": rows}
 
 
 # ------------------------------------------------------------------------------------------------ digits
 def digits_section(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from fastdiff.compare import run_compare
-        from fastdiff.models.digits import load_embedded_pipeline
+    from fastdiff.compare import run_compare
+    from fastdiff.models.digits import DEFAULT_GUIDANCE_SCALE, load_embedded_pipeline
+    from fastdiff.samplers import registry
 
-        pipe = load_embedded_pipeline()
-    except (ImportError, FileNotFoundError) as err:
-        print(f"[digits] skipped: {err}", flush=True)
-        return {"skipped": str(err)}
-    torch.manual_seed(args.seed)
+    pipe = load_embedded_pipeline()
+    # this benchmark's variant names, for run_compare (which builds schedulers by registry name)
+    for name in args.digits_samplers:
+        if name not in registry.available_samplers():
+            registry.register_sampler(name, lambda cfg, name=name: make_scheduler(name, dict(cfg)), name)
     t0 = time.perf_counter()
     result, _ = run_compare(args.digits_samplers, args.digits_nfe, pipe=pipe, num_images=args.digits_images,
                             seed=args.seed, progress=False)
     table: dict[str, Any] = {}
     for cell in result.cells:
-        row = table.setdefault(cell.sampler, {"fd": [], "accuracy": [], "nfe": [], "seconds": []})
+        row = table.setdefault(cell.sampler, {"fd": [], "accuracy": [], "nfe": [], "rms_to_ref": []})
         row["fd"].append(cell.fd)
         row["accuracy"].append(cell.accuracy)
         row["nfe"].append(cell.nfe)
-        row["seconds"].append(cell.seconds)
+        row["rms_to_ref"].append(cell.rms_to_ref)
     for name, row in table.items():
-        print(f"[digits] {name:22s} FD " + " ".join(f"{v:.3f}" for v in row["fd"]), flush=True)
-    return {"settings": result.settings, "metric": result.cells[0].metric if result.cells else None,
-            "seconds": time.perf_counter() - t0, "samplers": table}
-
-
-def digits_path_section(args: argparse.Namespace) -> dict[str, Any]:
-    """ODE accuracy on the trained model: rms (pixels in [0, 1]) vs a 200-step DPM-Solver++ 2M solution from the
-    same noise. FD rewards some solvers' bias; this column does not."""
-    try:
-        from fastdiff.models.digits import load_embedded_pipeline
-        from fastdiff.samplers.registry import make_scheduler as registry_scheduler
-
-        pipe = load_embedded_pipeline()
-    except (ImportError, FileNotFoundError) as err:
-        return {"skipped": str(err)}
-    pipe.set_progress_bar_config(disable=True)
-    n = args.path_images
-    labels = torch.arange(n) % 10
-    noise = torch.randn(n, 1, pipe.transformer.config.sample_size, pipe.transformer.config.sample_size,
-                        generator=torch.Generator().manual_seed(args.seed))
-    config = pipe.scheduler.config
-
-    def sample(name: str, steps: int) -> torch.Tensor:
-        pipe.scheduler = registry_scheduler(name, config)
-        return pipe(labels, num_inference_steps=steps, latents=noise.clone(), output_type="pt").images
-
-    t0 = time.perf_counter()
-    ref = sample("dpmpp_2m", 200)
-    rows = {}
-    for name in args.path_samplers:
-        rows[name] = {"rms_vs_200step": [rms(sample(name, k), ref) for k in args.digits_nfe]}
-        print(f"[digits-path] {name:22s} " + " ".join(f"{e:.4f}" for e in rows[name]["rms_vs_200step"]), flush=True)
-    return {"settings": {"images": n, "seed": args.seed, "reference": "dpmpp_2m, 200 steps",
-                         "guidance_scale": "pipeline default", "steps": list(args.digits_nfe)},
-            "seconds": time.perf_counter() - t0, "samplers": rows}
+        print(f"[digits] {name:30s} FD " + " ".join(f"{v:.3f}" for v in row["fd"]), flush=True)
+    model_cfg = json.loads((ROOT / "fastdiff/models/digits_pixart/transformer/config.json").read_text())
+    return {"settings": {**result.settings, "default_guidance_scale": DEFAULT_GUIDANCE_SCALE,
+                         "transformer_patch_size": model_cfg.get("patch_size")},
+            "reference": result.reference, "steps": list(args.digits_nfe), "seconds": time.perf_counter() - t0,
+            "samplers": table}
 
 
 # ------------------------------------------------------------------------------------------------ targets
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """At NFE 5 and 10: accel_ddim vs the best diffusers scheduler (defaults), oracle and digits."""
+    """The issue's targets, each with its measured value and whether it was met."""
     out: dict[str, Any] = {}
-    checks = [("oracle_rms_vs_ddim1000", "oracle", "rms_vs_ddim1000"), ("oracle_rms_vs_exact", "oracle", "rms_vs_exact"),
-              ("digits_fd", "digits", "fd"), ("digits_rms_vs_200step", "digits_path", "rms_vs_200step")]
-    for label, section, key in checks:
-        sec = result.get(section, {})
-        rows = sec.get("samplers") if isinstance(sec, dict) else None
-        if not rows or "accel_ddim" not in rows:
-            continue
-        nfes = sec["nfe"] if "nfe" in sec else sec["settings"]["steps"]
-        for ours in ("accel_ddim", "accel_ddim_exact_score", "accel_ddim_dualfast", "dpmpp_2m_dualfast"):
-            if ours not in rows:
-                continue
-            for k in (5, 10):
-                if k not in nfes:
-                    continue
-                i = nfes.index(k)
-                base = {b: rows[b][key][i] for b in BASELINES if b in rows}
-                best = min(base, key=base.get)
-                mine = rows[ours][key][i]
-                out[f"{label}/{ours}/nfe{k}"] = {"ours": mine, "best_baseline": best, "best_value": base[best],
-                                                 "met": mine < base[best], "ratio": mine / base[best]}
+    sec = result.get("oracle")
+    if sec:
+        nfes = sec["nfe"]
+        for label, o in sec["oracles"].items():
+            rows = o["samplers"]
+            for key in ("rms", "rms_right", "rms_common"):
+                best = _best_baseline(rows, key, len(nfes))
+                for j, n in enumerate(nfes):
+                    mine = rows["accel_ddim"][key][j]
+                    out[f"oracle {label} / {key} / NFE {n}"] = {
+                        "accel_ddim": mine, "best_diffusers": best[j][0], "best_value": best[j][1],
+                        "ratio": mine / best[j][1], "met": mine < best[j][1]}
+    order = result.get("order")
+    if order:
+        for oname, res in order.items():
+            if isinstance(res, dict) and "accel_ddim" in res:
+                worst = min(res["accel_ddim"]["order"])
+                out[f"order >= 1.9 (10-80 steps), {oname}"] = {"min_order": worst, "met": worst >= 1.9}
+    df = result.get("dualfast")
+    if df:
+        for base, name in DUALFAST_PAIRS.items():
+            for j, n in enumerate(df["nfe"]):
+                change, own = abs(df["rms"][name][j] - df["rms"][base][j]), df["rms"][base][j]
+                out[f"dualfast exact-score change < base error / {name} / NFE {n}"] = {
+                    "change": change, "base_error": own, "met": change < own}
+    dg = result.get("digits")
+    if dg and "samplers" in dg:
+        rows = dg["samplers"]
+        for base, name in DUALFAST_PAIRS.items():
+            for variant in (name, name + "_prediction"):
+                if variant in rows and base in rows:
+                    for j, n in enumerate(dg["steps"]):
+                        mine, ref = rows[variant]["fd"][j], rows[base]["fd"][j]
+                        out[f"digits FD lowered / {variant} / NFE {n}"] = {"fd": mine, "base_fd": ref,
+                                                                          "met": mine < ref}
     return out
 
 
+# ------------------------------------------------------------------------------------------------ output
 def markdown(result: dict[str, Any]) -> str:
-    """The measured tables as markdown (written next to the JSON as ``few_step.md``)."""
-    env = result["environment"]
-    lines = [f"Measured {env['date']} on {env['device']}, torch {env['torch']}, diffusers {env['diffusers']}.", ""]
-
-    def table(title: str, nfes: list[int], rows: dict[str, Any], key: str, fmt: str, extra: str = "") -> None:
-        lines.extend([f"**{title}**{extra}", "", "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
-                      "|---|" + "---:|" * len(nfes)])
-        for name, row in rows.items():
-            vals = [fmt.format(v) if v is not None else "-" for v in row[key]]
-            lines.append(f"| {name} | " + " | ".join(vals) + " |")
-        lines.append("")
-
-    oracle = result.get("oracle")
-    if oracle:
-        ref = oracle["reference"]
-        table("Oracle: rms error vs 1000-step DDIM", oracle["nfe"], oracle["samplers"], "rms_vs_ddim1000", "{:.4f}",
-              f" (the reference itself is {ref['ddim1000_vs_exact']:.4f} from the exact solution)")
-        table("Oracle: rms error vs the exact ODE solution at the sampler's own endpoint", oracle["nfe"],
-              oracle["samplers"], "rms_vs_exact", "{:.4f}")
-        table("Oracle: samples ending in another mixture component than the exact solution "
-              f"(of {oracle['setup']['samples']})", oracle["nfe"], oracle["samplers"], "switched", "{:d}")
+    lines = ["# Few-step samplers (benchmarks/few_step.py)", ""]
+    sec = result.get("oracle")
+    if sec:
+        env = sec["environment"]
+        lines += [f"Oracle sections measured {env['date']} on {env['device']} ({env['torch_threads']} threads), "
+                  f"torch {env['torch']}, diffusers {env['diffusers']}; {sec['samples']} samples per oracle.", ""]
+        nfes = sec["nfe"]
+        for label, o in sec["oracles"].items():
+            rows = o["samplers"]
+            for key, title in (("rms", "rms vs the exact ODE solution, all samples"),
+                               ("rms_right", "rms over the samples ending in the right component"),
+                               ("rms_common", "rms over the samples every sampler sends to the right component")):
+                best = _best_baseline(rows, key, len(nfes))
+                lines += [f"**Oracle {label}: {title}** (bold: lowest of the row set; last line: best diffusers)", "",
+                          "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                          "|---|" + "---:|" * len(nfes)]
+                order = sorted(rows, key=lambda nm: (nm not in OURS and nm not in DUALFAST_PAIRS.values(), nm))
+                col_min = [min(rows[nm][key][j] for nm in rows if rows[nm][key][j] == rows[nm][key][j])
+                           for j in range(len(nfes))]
+                for nm in order:
+                    cells = []
+                    for j in range(len(nfes)):
+                        v = rows[nm][key][j]
+                        s = "n/a" if v != v else f"{v:.4f}"
+                        cells.append(f"**{s}**" if v == col_min[j] else s)
+                    lines.append(f"| {nm} | " + " | ".join(cells) + " |")
+                lines.append("| *best diffusers* | " + " | ".join(f"{b[1]:.4f} ({b[0]})" for b in best) + " |")
+                lines.append("")
+            lines += [f"Samples ending in the wrong component (accel_ddim): {rows['accel_ddim']['wrong']}; common set "
+                      f"sizes: {rows['accel_ddim']['common_samples']}; exact reference self-check rms "
+                      f"{o['exact_check_rms']:.1e}.", ""]
     order = result.get("order")
     if order:
-        lines.extend(["**Measured order** (" + order["grid"] + ")", "", "| sampler | " +
-                      " | ".join(f"{a}->{b} steps" for a, b in zip(order["steps"][:-1], order["steps"][1:])) + " |",
-                      "|---|" + "---:|" * (len(order["steps"]) - 1)])
-        for name in ("ddim", "accel_ddim", "accel_ddim_paper"):
-            lines.append(f"| {name} | " + " | ".join(f"{o:.2f}" for o in order[name]["order"]) + " |")
+        lines += [f"**Measured order** ({order['grid']}; steps {order['steps']})", "",
+                  "| oracle | sampler | rms at 10/20/40/80 steps | order |", "|---|---|---|---|"]
+        for oname, res in order.items():
+            if isinstance(res, dict) and "ddim" in res:
+                for nm, r in res.items():
+                    lines.append(f"| {oname} | {nm} | {' / '.join(f'{e:.2e}' for e in r['rms'])} | "
+                                 f"{' / '.join(f'{o:.2f}' for o in r['order'])} |")
         lines.append("")
-    digits = result.get("digits")
-    if digits and "samplers" in digits:
-        nfes = digits["settings"]["steps"]
-        table(f"Embedded digits model: {digits['metric']} ({digits['settings']['num_images']} images, "
-              f"guidance {digits['settings']['guidance_scale']})", nfes, digits["samplers"], "fd", "{:.2f}")
-        table("Embedded digits model: class accuracy", nfes, digits["samplers"], "accuracy", "{:.3f}")
-    path = result.get("digits_path")
-    if path and "samplers" in path:
-        table(f"Embedded digits model: rms vs a {path['settings']['reference']} solution from the same noise "
-              f"({path['settings']['images']} images; ODE accuracy, pixels in [0, 1])", path["settings"]["steps"],
-              path["samplers"], "rms_vs_200step", "{:.4f}")
-    if result.get("targets"):
-        lines.extend(["**Targets** (NFE 5 and 10, vs the best diffusers scheduler at its defaults)", "",
-                      "| check | ours | best baseline | ratio | met |", "|---|---:|---|---:|---|"])
-        for k, v in result["targets"].items():
-            lines.append(f"| {k} | {v['ours']:.4f} | {v['best_baseline']} {v['best_value']:.4f} | {v['ratio']:.2f} | "
-                         f"{'yes' if v['met'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+    df = result.get("dualfast")
+    if df:
+        lines += [f"**DualFast on an exact score** (oracle {df['oracle']}, {df['samples']} samples): rms vs the exact "
+                  "ODE solution", "", "| sampler | " + " | ".join(f"NFE {n}" for n in df["nfe"]) + " |",
+                  "|---|" + "---:|" * len(df["nfe"])]
+        for nm, errs in df["rms"].items():
+            lines.append(f"| {nm} | " + " | ".join(f"{e:.4f}" for e in errs) + " |")
+        lines.append("")
+    dg = result.get("digits")
+    if dg and "samplers" in dg:
+        env = dg.get("environment", {})
+        st = dg["settings"]
+        lines += [f"**Embedded digits model** ({env.get('date')}, {env.get('device')}): FD-digits / class accuracy, "
+                  f"{st['num_images']} images per cell, guidance {st['guidance_scale']}, transformer patch size "
+                  f"{st.get('transformer_patch_size')}", "",
+                  "| sampler | " + " | ".join(f"steps {n}" for n in dg["steps"]) + " |",
+                  "|---|" + "---:|" * len(dg["steps"])]
+        for nm, row in dg["samplers"].items():
+            lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f}" for f, a in zip(row["fd"], row["accuracy"]))
+                         + " |")
+        lines.append("")
+    tg = result.get("targets", {})
+    if tg:
+        missed = [k for k, v in tg.items() if not v["met"]]
+        lines += [f"**Targets**: {len(tg) - len(missed)} of {len(tg)} met. Missed:", ""]
+        for k in missed:
+            v = tg[k]
+            detail = (f"ratio {v['ratio']:.2f} ({v['best_diffusers']})" if "ratio" in v else
+                      f"min order {v['min_order']:.2f}" if "min_order" in v else
+                      f"change {v['change']:.4f} vs base {v['base_error']:.4f}" if "change" in v else
+                      f"FD {v['fd']:.3f} vs base {v['base_fd']:.3f}")
+            lines.append(f"- {k}: {detail}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    sec = result.get("oracle")
+    if not sec:
+        return
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("oracle", "rms_vs_exact", "oracle: rms vs exact ODE"), ("digits", "fd", "digits: FD-digits"),
-              ("digits_path", "rms_vs_200step", "digits: rms vs 200-step solution")]
-    panels = [p for p in panels if isinstance(result.get(p[0]), dict) and "samplers" in result[p[0]]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
-    for ax, (section, key, title) in zip(axes[0], panels):
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
-        sec = result[section]
-        nfes = sec.get("nfe") or sec["settings"]["steps"]
-        for name, row in sec["samplers"].items():
-            if name.endswith("_karras") or name == "accel_ddim_exact_score":
-                continue  # keep the plot readable; the table has every row
-            style = "-" if name.startswith("accel") or "dualfast" in name else "--"
-            ax.plot(nfes, row[key], style, marker="o", ms=3, label=name, lw=2.2 if name == "accel_ddim" else 1.2)
+    labels = list(sec["oracles"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
+    axes = axes[0]
+    for ax, label in zip(axes, labels):
+        rows = sec["oracles"][label]["samplers"]
+        best = _best_baseline(rows, "rms", len(sec["nfe"]))
+        ax.plot(sec["nfe"], [b[1] for b in best], "k--", label="best diffusers (per NFE)")
+        for nm in ("accel_ddim", "accel_ddim_paper", "unipc_bh2_karras_zero", "dpmpp_2m_karras_zero", "ddim"):
+            if nm in rows:
+                ax.plot(sec["nfe"], rows[nm]["rms"], marker="o", label=nm)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(nfes)
-        ax.set_xticklabels([str(n) for n in nfes])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(label, fontsize=9)
         ax.set_xlabel("NFE")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"few-step sampling ({result['environment']['device']}, torch {result['environment']['torch']}, "
-                 f"diffusers {result['environment']['diffusers']})", fontsize=9)
+    axes[0].set_ylabel("rms vs exact ODE solution")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+SECTIONS = {"oracle": oracle_section, "order": order_section, "dualfast": dualfast_section, "digits": digits_section}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", type=lambda s: s.split(","), default=["oracle", "order", "dualfast"])
     p.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=NFES)
-    p.add_argument("--samplers", type=lambda s: s.split(","), default=BASELINES + OURS + KARRAS,
-                   help="oracle samplers (registry names and the *_karras rows)")
-    p.add_argument("--digits-samplers", type=lambda s: s.split(","), default=DIGITS_SAMPLERS)
     p.add_argument("--oracle-samples", type=int, default=1024)
-    p.add_argument("--ode-steps", type=int, default=500, help="RK4 steps of the exact reference")
+    p.add_argument("--ode-steps", type=int, default=600, help="RK4 steps of the exact reference")
     p.add_argument("--digits-images", type=int, default=300)
-    p.add_argument("--digits-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10],
-                   help="digits NFEs (default 5,10 to stay within ~10 min on 2 CPU cores)")
+    p.add_argument("--digits-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10])
+    p.add_argument("--digits-samplers", type=lambda s: s.split(","), default=DIGITS_SAMPLERS)
+    p.add_argument("--oracles", type=lambda s: s.split(","), default=None,
+                   help="run only these oracles (letters, e.g. A,C); the others keep their stored results")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--path-images", type=int, default=100, help="images of the digits ODE-accuracy section")
-    p.add_argument("--path-samplers", type=lambda s: s.split(","),
-                   default=["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "accel_ddim", "accel_ddim_paper"])
-    p.add_argument("--skip-digits", action="store_true")
-    p.add_argument("--skip-oracle", action="store_true")
-    p.add_argument("--skip-digits-fd", action="store_true", help="run only the digits ODE-accuracy part")
-    p.add_argument("--render-only", action="store_true", help="re-render few_step.md / .png from the JSON")
-    p.add_argument("--keep-previous", action="store_true",
-                   help="keep the sections of an existing few_step.json that this run skips")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--render-only", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.render_only:
-        result = json.loads((args.out / "few_step.json").read_text())
+    path = args.out / "few_step.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("format") != 2:
+        result = {"format": 2}
+    if not args.render_only:
+        for name in args.sections:
+            if name not in SECTIONS:
+                raise SystemExit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+            t0 = time.perf_counter()
+            new = SECTIONS[name](args)
+            new["environment"] = {**environment(), "runtime_s": time.perf_counter() - t0}
+            old = result.get(name)
+            if name == "oracle" and args.oracles and old and (old["nfe"], old["samples"]) == (new["nfe"],
+                                                                                               new["samples"]):
+                for o in new["oracles"].values():
+                    o["environment"] = new["environment"]
+                old["oracles"].update(new["oracles"])
+                new = {**old, "oracles": {k: old["oracles"][k] for k in ORACLES if k in old["oracles"]},
+                       "environment": new["environment"]}
+            result[name] = new
         result["targets"] = targets(result)
-        (args.out / "few_step.json").write_text(json.dumps(result, indent=1))
-        plot(result, args.out / "few_step.png")
-        (args.out / "few_step.md").write_text(markdown(result))
-        return result
-    start = time.perf_counter()
-    result: dict[str, Any] = {"environment": environment()}
-    if not args.skip_oracle:
-        result["oracle"] = oracle_section(args)
-        result["order"] = order_section(args)
-        result["stochastic"] = stochastic_section(args)
-    if not args.skip_digits:
-        if not args.skip_digits_fd:
-            result["digits"] = digits_section(args)
-        result["digits_path"] = digits_path_section(args)
-    previous = args.out / "few_step.json"
-    if args.keep_previous and previous.is_file():
-        old = json.loads(previous.read_text())
-        kept = [k for k in ("oracle", "order", "stochastic", "digits", "digits_path") if k not in result and k in old]
-        for k in kept:
-            result[k] = old[k]
-        if kept:
-            result["environment"]["kept_from_previous_run"] = {"sections": kept, "environment": old["environment"]}
-    result["targets"] = targets(result)
-    result["environment"]["runtime_s"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "few_step.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "few_step.png")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
     (args.out / "few_step.md").write_text(markdown(result))
-    for k, v in result["targets"].items():
-        print(f"[target] {k}: ours {v['ours']:.4f} vs {v['best_baseline']} {v['best_value']:.4f} "
-              f"-> {'met' if v['met'] else 'NOT met'} (ratio {v['ratio']:.2f})")
-    print(f"wrote {args.out / 'few_step.json'}, few_step.md and few_step.png in {result['environment']['runtime_s']:.0f}s")
+    plot(result, args.out / "few_step.png")
+    print(f"wrote {path}, few_step.md and few_step.png")
     return result
 
 

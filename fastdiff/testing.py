@@ -4,6 +4,7 @@
 process ``x_t = alpha_t x_0 + sigma_t eps``, so its noise prediction is the true ``eps`` (the score times
 ``-sigma``), and :meth:`GaussianMixtureDenoiser.solve_ode` integrates the probability-flow ODE to float
 precision: sampler error can be measured against an exact solution, not against another sampler.
+:class:`AnisotropicGaussianMixtureDenoiser` (:func:`make_anisotropic_mixture`) is the same with full covariances.
 
 The ``tiny_*_pipeline`` factories build small random-weight diffusers pipelines from configs, with a
 tokenizer written locally, so tests never touch the network.

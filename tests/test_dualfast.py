@@ -101,7 +101,7 @@ def test_paper_form_adds_the_noise_term_to_the_base_update(cls, kw, oracle):
     import copy
 
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    df = cls.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.6, **kw)
+    df = cls.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.6, dualfast_reference="first", **kw)
     df.set_timesteps(6)
     first, previous_term = None, None
     for i, t in enumerate(df.timesteps):
@@ -130,7 +130,8 @@ def test_prediction_variant_on_ddim():
     """fastdiff's earlier variant: DDIM run on eps~ = eps_t + c_t (eps_t - eps_T), c_t = scale t / T."""
     model = make_gaussian_mixture(dim=64, num_components=8)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    df = DDIMDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.7, dualfast_variant="prediction")
+    df = DDIMDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.7, dualfast_variant="prediction",
+                                           dualfast_reference="first")
     base = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
     df.set_timesteps(5)
     base.set_timesteps(5)
@@ -199,7 +200,7 @@ def test_from_other_configs_and_step_signature():
         base_cfg = source.from_config(SD_SCHEDULER_CONFIG).config
         for cls in (DDIMDualFastScheduler, DPMSolverMultistepDualFastScheduler, AcceleratedDDIMDualFastScheduler):
             sched = cls.from_config(base_cfg)
-            assert sched.config.dualfast_scale == 0.5 and sched.config.num_train_timesteps == 1000
+            assert sched.config.dualfast_scale == 0.1 and sched.config.num_train_timesteps == 1000
     # pipelines inspect step's signature to decide whether to pass eta / generator
     assert "eta" in inspect.signature(DDIMDualFastScheduler.step).parameters
     assert "generator" in inspect.signature(DPMSolverMultistepDualFastScheduler.step).parameters

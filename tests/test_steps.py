@@ -197,3 +197,22 @@ def test_sequential_reports_the_non_finite_step():
     with pytest.raises(NonFiniteLatentError, match=f"step {first_bad}") as err:
         sample_sequential(sm, broken, torch.randn(2, 16, dtype=torch.float64))
     assert err.value.step == first_bad
+
+
+def test_accelerated_step_map_on_fractional_custom_timesteps():
+    """Fractional custom timesteps reach the step map unrounded (the scheduler keeps them as given)."""
+    from fastdiff.samplers.accelerated_ddim import AcceleratedDDIMScheduler
+
+    model = _oracles("epsilon")
+    sched = AcceleratedDDIMScheduler.from_config(SD)
+    grid = [999.0, 700.5, 480.25, 250.75, 90.5, 10.0]
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sched.set_timesteps(timesteps=grid)
+    ref = x.clone()
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, t), t, ref).prev_sample
+    sched.set_timesteps(timesteps=grid)
+    sm = step_map_for(sched)
+    assert sm.timesteps.tolist() == grid
+    ours = sample_sequential(sm, model, x.clone(), None)
+    assert (ours - ref).pow(2).mean().sqrt() <= 1e-6

@@ -565,8 +565,17 @@ def _custom_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> n
 # named configurations (fastdiff.samplers.registry builds these by name)
 # ------------------------------------------------------------------------------------------------------------
 def few_step_scheduler(config: Mapping[str, Any], **overrides: Any) -> AcceleratedDDIMScheduler:
-    """fastdiff's default few-step sampler (registry name ``accel_ddim``) from a pipeline's scheduler config."""
-    return AcceleratedDDIMScheduler.from_config(config, **overrides)
+    """fastdiff's default few-step sampler (registry name ``accel_ddim``) from a pipeline's scheduler config.
+
+    The accelerated update with the config's settings, except that a ``"leading"`` spacing becomes
+    ``"trailing"``: leading grids start ``T / n`` below the top of the schedule (at t = 801 of 1000 for 5
+    steps), where the pure-noise input is not the model's distribution (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Table 2); trailing grids start at ``T - 1`` as Karras grids do.
+    """
+    settings = dict(overrides)
+    if config.get("timestep_spacing", "leading") == "leading":
+        settings.setdefault("timestep_spacing", "trailing")
+    return AcceleratedDDIMScheduler.from_config(config, **settings)
 
 
 def paper_scheduler(config: Mapping[str, Any], **overrides: Any) -> AcceleratedDDIMScheduler:

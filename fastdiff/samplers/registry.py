@@ -54,19 +54,22 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "unipc": BuiltinSampler(_D, "UniPCMultistepScheduler", "UniPC bh2 (diffusers)"),
     "deis": BuiltinSampler(_D, "DEISMultistepScheduler", "DEIS 3rd order (diffusers)"),
     "accel_ddim": BuiltinSampler(_ACCEL, "few_step_scheduler",
-                                 "fastdiff's few-step sampler: accelerated DDIM update, 1 eval/step "
-                                 "(Li et al. 2024; fastdiff)"),
+                                 "fastdiff's few-step sampler: accelerated DDIM update, 1 eval/step, trailing "
+                                 "grid (Li et al. 2024)"),
     "accel_ddim_paper": BuiltinSampler(_ACCEL, "paper_scheduler",
                                        "accelerated DDIM, the paper's update verbatim (eps linear in alpha-bar; "
                                        "Li et al. 2024)"),
     "accel_ddpm": BuiltinSampler(_ACCEL, "AcceleratedDDIMScheduler",
                                  "accelerated DDPM, stochastic, 1 eval/step (Li et al. 2024)", {"stochastic": True}),
-    "ddim_dualfast": BuiltinSampler(_DUAL, "DDIMDualFastScheduler", "DDIM + DualFast (Yu et al. 2025)"),
+    "ddim_dualfast": BuiltinSampler(_DUAL, "DDIMDualFastScheduler", "DDIM + DualFast, the paper's form "
+                                    "(Yu et al. 2025)"),
     "dpmpp_2m_dualfast": BuiltinSampler(_DUAL, "DPMSolverMultistepDualFastScheduler",
-                                        "DPM-Solver++ 2M + DualFast (Yu et al. 2025)", {**_DPMPP, "solver_order": 2}),
-    "unipc_dualfast": BuiltinSampler(_DUAL, "UniPCMultistepDualFastScheduler", "UniPC + DualFast (Yu et al. 2025)"),
+                                        "DPM-Solver++ 2M + DualFast, the paper's form (Yu et al. 2025)",
+                                        {**_DPMPP, "solver_order": 2}),
+    "unipc_dualfast": BuiltinSampler(_DUAL, "UniPCMultistepDualFastScheduler",
+                                     "UniPC + DualFast, the paper's form (Yu et al. 2025)"),
     "accel_ddim_dualfast": BuiltinSampler(_DUAL, "AcceleratedDDIMDualFastScheduler",
-                                          "accelerated DDIM + DualFast (fastdiff)"),
+                                          "accelerated DDIM + DualFast, the paper's form (Yu et al. 2025; fastdiff)"),
 }
 
 

@@ -474,8 +474,8 @@ def _accelerated_ddim(scheduler: Any, **_: Any) -> StepMap:
     ``x' = alpha' x0 + sigma' eps + C (d - d_prev)`` (``d`` = eps or x0), or, stochastic,
     ``x' = alpha' x0 + e eps + s xi`` with noise drawn at every step."""
     cfg, coef = scheduler.config, scheduler.coefficients
-    sched = NoiseSchedule.from_config(scheduler)
-    t = scheduler.timesteps.long().cpu()
+    sched = scheduler.noise_schedule  # the scheduler's own (sanitised) schedule
+    t = scheduler.timesteps.cpu()  # integer or fractional, as the scheduler steps them
     num = len(t)
     zero = torch.zeros(num, dtype=torch.float64)
     state_alpha = torch.cat([sched.alpha(t), coef.alpha_next[-1:]])
