@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_step_list, default=None, help="comma-separated step counts (default: 5,10,20,50)")
     p.add_argument("--num-images", type=_int_at_least(2, "an image count", " (FD needs two)"), default=None,
                    help="images per cell, >= 2 (default: 100)")
+    p.add_argument("--reference-sampler", default=None, metavar="NAME",
+                   help="sampler of the converged solution each cell's error is measured against (default: dpmpp_2m)")
+    p.add_argument("--reference-steps", type=_int_at_least(1, "a step count"), default=None, metavar="N",
+                   help="its step count (default: 100; small values only for quick checks)")
     p.add_argument("--out", default="fastdiff-out/compare", help="output folder (default: fastdiff-out/compare)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
@@ -120,15 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    if args.samplers is not None:
-        _check_samplers(args.samplers)
+    _check_samplers([*(args.samplers or ()), *([args.reference_sampler] if args.reference_sampler else [])])
     out = _check_writable_dir(args.out, "--out")
     from rich.console import Console
 
-    from .compare import render_table, run_compare, save_outputs
+    from .compare import DEFAULT_REFERENCE, render_table, run_compare, save_outputs
 
     console = Console()
-    given = {"samplers": args.samplers, "steps": args.steps, "num_images": args.num_images}  # else compare's defaults
+    reference = None
+    if args.reference_sampler or args.reference_steps:
+        reference = (args.reference_sampler or DEFAULT_REFERENCE[0], args.reference_steps or DEFAULT_REFERENCE[1])
+    given = {"samplers": args.samplers, "steps": args.steps, "num_images": args.num_images,
+             "reference": reference}  # the others: compare's defaults
     try:
         result, images = run_compare(
             **{k: v for k, v in given.items() if v is not None}, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -10,12 +10,15 @@ import fastdiff.compare
 from fastdiff.cli import main
 from fastdiff.compare import run_compare
 
+# the cells' FD to the data does not depend on the converged reference: a cheap one where only that is checked
+CHEAP_REFERENCE = ("ddim", 4)
+
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     rc = main(["compare", "--samplers", "ddim,dpmpp_2m", "--steps", "2,4", "--num-images", "20", "--out", str(out),
-               "--no-progress"])
+               "--reference-sampler", CHEAP_REFERENCE[0], "--reference-steps", str(CHEAP_REFERENCE[1]), "--no-progress"])
     return rc, out
 
 
@@ -29,6 +32,7 @@ def test_compare_writes_table_json_and_plots(compare_run):
     assert all(c["fd"] > 0 and 0 <= c["accuracy"] <= 1 and c["seconds"] > 0 for c in cells)
     assert data["cells"][0]["metric"] == "FD-digits"
     assert {"device", "torch", "diffusers", "date"} <= set(data["environment"])
+    assert (data["reference"]["sampler"], data["reference"]["steps"]) == CHEAP_REFERENCE
     for name in ("fd_vs_steps.png", "samples.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -36,7 +40,7 @@ def test_compare_writes_table_json_and_plots(compare_run):
 def test_compare_is_reproducible_and_more_steps_help(compare_run):
     _, out = compare_run
     first = json.loads((out / "compare.json").read_text())["cells"]
-    again, _ = run_compare(["ddim"], [2], num_images=20, progress=False)
+    again, _ = run_compare(["ddim"], [2], num_images=20, progress=False, reference=CHEAP_REFERENCE)
     assert again.cells[0].fd == pytest.approx(first[0]["fd"], rel=1e-6)
     ddim = {c["steps"]: c["fd"] for c in first if c["sampler"] == "ddim"}
     assert ddim[4] < ddim[2]
@@ -64,6 +68,8 @@ def no_work(monkeypatch):
     "argv, message",
     [
         (["compare", "--samplers", "nope"], "unknown sampler 'nope'; available samplers: "),
+        (["compare", "--reference-sampler", "nope"], "unknown sampler 'nope'; available samplers: "),
+        (["compare", "--reference-steps", "0"], "argument --reference-steps: expected a step count >= 1"),
         (["compare", "--samplers", ""], "argument --samplers: expected comma-separated sampler names"),
         (["compare", "--samplers", " , "], "argument --samplers: expected comma-separated sampler names"),
         (["compare", "--steps", "0"], "argument --steps: expected comma-separated step counts >= 1"),
@@ -112,7 +118,7 @@ def _interrupting_run_compare(finished: bool):
     def fake(samplers, steps, **kwargs):
         if not finished:
             raise KeyboardInterrupt
-        kwargs.update(num_images=4)
+        kwargs.update(num_images=4, reference=CHEAP_REFERENCE)
         result, images = real(samplers[:1], steps[:1], **kwargs)
         interrupted = getattr(fastdiff.compare, "CompareInterrupted", None)
         if interrupted is not None:
@@ -195,8 +201,9 @@ def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(c
     _, out = compare_run
     plain = {(c["sampler"], c["steps"]): c for c in json.loads((out / "compare.json").read_text())["cells"]}
     pipe = load_embedded_pipeline()
-    result, images = run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, tgate=3, num_images=20, progress=False)
-    guided, _ = run_compare(["ddim"], [4], pipe=pipe, tgate=3, tgate_cond_weight=2.0, num_images=20, progress=False)
+    cheap = {"num_images": 20, "progress": False, "reference": CHEAP_REFERENCE}
+    result, images = run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, tgate=3, **cheap)
+    guided, _ = run_compare(["ddim"], [4], pipe=pipe, tgate=3, tgate_cond_weight=2.0, **cheap)
     assert guided.settings["tgate_cond_weight"] == 2.0 and guided.cells[0].fd != pytest.approx(result.cells[1].fd)
     assert not is_tgate_enabled(pipe)
     for cell in result.cells:
@@ -205,7 +212,7 @@ def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(c
             assert cell.tgate is None and cell.fd == pytest.approx(ref["fd"], rel=1e-6)
         else:  # one CFG-halved call per step after the gate: same NFE, different samples
             assert cell.tgate == 3 and cell.nfe == ref["nfe"] and cell.fd != pytest.approx(ref["fd"], rel=1e-3)
-    again, _ = run_compare(["ddim"], [4], pipe=pipe, num_images=20, progress=False)
+    again, _ = run_compare(["ddim"], [4], pipe=pipe, **cheap)
     assert again.cells[0].fd == pytest.approx(plain[("ddim", 4)]["fd"], rel=1e-6)
 
 
