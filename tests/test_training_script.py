@@ -266,15 +266,21 @@ def test_another_config_never_resumes_a_checkpoint_silently(tmp_path, capsys):
     assert longer["resumed_from"].endswith("step_00000002") and sorted(longer["losses"]) == [2]
     # asked to: continues the other config's checkpoint, and says so
     capsys.readouterr()
-    forced = train(tiny_config(tmp_path, "--repa", "--weighting", "min_snr", "--max_steps", "4", "--resume"))
+    forced = train(tiny_config(tmp_path, "--repa", "--resume", "--weighting", "min_snr", "--max_steps", "4"))
     assert forced["resumed_from"].endswith("step_00000003") and sorted(forced["losses"]) == [3]
     assert "with a different configuration than it was trained with: train.weighting" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--no_resume: .* already holds checkpoints of an earlier run"):
         train(tiny_config(tmp_path, "--repa", "--max_steps", "5", "--no_resume"))
     with pytest.raises(FileNotFoundError, match="--resume: there is no checkpoint"):
         train(tiny_config(tmp_path / "empty", "--max_steps", "1", "--resume"))
-    with pytest.raises(SystemExit):
-        load_config(CONFIG, ["--resume", "--no_resume"])
+    picked = train(tiny_config(tmp_path / "other", "--resume_from", str(tmp_path / "checkpoints" / "step_00000004"),
+                               "--repa", "--max_steps", "5"))
+    assert picked["resumed_from"].endswith("step_00000004") and sorted(picked["losses"]) == [4]
+    with pytest.raises(FileNotFoundError, match="'nowhere' is not a checkpoint directory"):
+        train(tiny_config(tmp_path / "b", "--resume_from", "nowhere", "--max_steps", "1"))
+    for both in (["--resume", "--no_resume"], ["--resume", "--resume_from", "x"]):
+        with pytest.raises(SystemExit):
+            load_config(CONFIG, both)
 
 
 def test_resume_point_for_checkpoints_without_a_stored_config(tmp_path):

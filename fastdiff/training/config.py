@@ -2,8 +2,9 @@
 
 ``load_config("configs/digits_dit.yaml", ["--repa", "train.lr=1e-4"])`` merges, in order: the defaults
 below, the YAML file, the shorthand flags (``--repa``, ``--haste``, ``--weighting``, ``--max_steps``,
-``--batch_size``, ``--output_dir``, ``--seed``, ``--mixed_precision``, ``--resume``, ``--no_resume``) and
-``section.key=value`` overrides. Unknown keys raise a ``ValueError`` listing the allowed ones.
+``--batch_size``, ``--output_dir``, ``--seed``, ``--mixed_precision``, ``--resume``, ``--resume_from``,
+``--no_resume``) and ``section.key=value`` overrides. Unknown keys raise a ``ValueError`` listing the allowed
+ones.
 
 A config is a YAML path or the name of a config shipped with the package (``--config digits_dit``, see
 :func:`shipped_configs`; they are the repository's ``configs/`` folder, packaged as ``fastdiff/configs``).
@@ -111,7 +112,8 @@ class CheckpointConfig:
     keep: int = 2
     # auto: the latest checkpoint in output_dir if its stored config equals this one (max_steps aside), a
     #       ValueError naming both if it differs, a fresh run if there is none
-    # latest (--resume): the latest checkpoint in output_dir whatever its config | a checkpoint directory
+    # latest (--resume): the latest checkpoint in output_dir whatever its config
+    # a checkpoint directory (--resume_from DIR): that one, whatever its config
     # null (--no_resume): a fresh run; a ValueError if output_dir already holds checkpoints
     resume: str | None = "auto"
 
@@ -277,10 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed_precision", choices=MIXED_PRECISIONS,
                         help="default: accelerate's (accelerate launch --mixed_precision / its config file), else no")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                        help="continue the latest checkpoint in output_dir (or CHECKPOINT) even if it was trained "
-                             "with a different config. Default: continue only a checkpoint of the same config "
-                             "(max_steps aside), error if output_dir holds another config's")
+    resume.add_argument("--resume", action="store_const", const="latest",
+                        help="continue the latest checkpoint in output_dir even if it was trained with a different "
+                             "config. Default: continue only a checkpoint of the same config (max_steps aside), "
+                             "error if output_dir holds another config's")
+    resume.add_argument("--resume_from", metavar="CHECKPOINT", help="continue this checkpoint directory")
     resume.add_argument("--no_resume", action="store_true",
                         help="start fresh (an error if output_dir already holds checkpoints)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -306,8 +309,8 @@ def load_config(path: str | Path | None = None, argv: Sequence[str] = ()) -> Con
             _set_dotted(config, key, str(value))
     if args.no_resume:
         config.checkpoint.resume = None
-    elif args.resume is not None:
-        config.checkpoint.resume = args.resume
+    elif args.resume or args.resume_from:
+        config.checkpoint.resume = args.resume or args.resume_from
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
