@@ -32,9 +32,13 @@ def build_model(cfg: Config) -> nn.Module:
     import diffusers
 
     m = cfg.model
+    if m.preset == "digits_tarflow":  # a normalizing flow (fastdiff.flows), trained on its own objective
+        from fastdiff.flows.tarflow import build_tarflow
+
+        return build_tarflow(m.config, cfg.seed)
     if m.preset is not None:
         if m.preset != "digits":
-            raise ValueError(f"model.preset must be 'digits' or null, got {m.preset!r}")
+            raise ValueError(f"model.preset must be 'digits', 'digits_tarflow' or null, got {m.preset!r}")
         from fastdiff.models.digits import DIGITS_TRANSFORMER_CONFIG
 
         class_name, config = "PixArtTransformer2DModel", {**DIGITS_TRANSFORMER_CONFIG, **m.config}
@@ -46,9 +50,16 @@ def build_model(cfg: Config) -> nn.Module:
                          f"got {class_name!r}")
     if m.pretrained is not None:
         return model_cls.from_pretrained(m.pretrained, subfolder=m.subfolder)
+    if m.init == "pixart" and class_name != "PixArtTransformer2DModel":
+        raise ValueError(f"model.init='pixart' needs a PixArtTransformer2DModel, got {class_name}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return model_cls(**config)
+        model = model_cls(**config)
+        if m.init == "pixart":
+            from fastdiff.models.digits import init_pixart_weights
+
+            init_pixart_weights(model)
+    return model
 
 
 def resolve_conditioning(model: nn.Module, conditioning: str) -> str:
@@ -167,11 +178,19 @@ class TrainModule(nn.Module):
 
     def forward(self, noisy: Tensor, timesteps: Tensor, labels: Tensor,
                 target: TeacherOutput | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if is_flow(self.model):  # called as (images, noise, labels): the flow's own loss
+            return self.model.training_loss(noisy, timesteps, labels), {}
         if target is None or self.alignment is None:
             return self.denoise(noisy, timesteps, labels), {}
         with self.alignment.capture(self.model, target):
             prediction = self.denoise(noisy, timesteps, labels)
         return prediction, self.alignment.losses()
+
+
+def is_flow(model: nn.Module) -> bool:
+    """A model with its own objective (``training_loss(images, noise, labels)``, e.g. ``fastdiff.flows.TarFlow``)
+    instead of the diffusion loss."""
+    return callable(getattr(model, "training_loss", None))
 
 
 def null_label(conditioning: str, num_classes: int) -> int | None:
@@ -185,4 +204,4 @@ def num_parameters(module: nn.Module) -> str:
 
 
 __all__ = ["TrainModule", "build_alignment", "build_class_embedder", "build_model", "build_scheduler",
-           "hidden_width", "load_teacher", "null_label", "patch_tokens", "resolve_conditioning"]
+           "hidden_width", "is_flow", "load_teacher", "null_label", "patch_tokens", "resolve_conditioning"]
