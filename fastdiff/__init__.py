@@ -34,6 +34,9 @@ _EXPORTS = {
     "ParallelStats": "fastdiff.samplers.parallel",
     "step_map_for": "fastdiff.samplers.steps",
     "diffusion_loss": "fastdiff.training.weighting",
+    "set_attention_backend": "fastdiff.kernels.dispatch",
+    "remove_attention_backend": "fastdiff.kernels.dispatch",
+    "attention_backend_report": "fastdiff.kernels.dispatch",
 }
 
 # subpackages resolve as attributes too (``fastdiff.training.diffusion_loss`` after a bare ``import fastdiff``)

@@ -77,6 +77,20 @@ def register_attention_backend(name: str, fn: AttentionBackend) -> None:
     _BACKENDS[name] = fn
 
 
+def _register_fused_kernel() -> None:
+    """``"fused"``: fastdiff's Triton kernel (:mod:`fastdiff.kernels.distillation`) where triton is installed;
+    it runs the materialised reference where the kernel cannot (CPU), saying so once."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        from fastdiff.kernels.haste_backend import haste_fused_backend
+
+        register_attention_backend("fused", haste_fused_backend)
+
+
+_register_fused_kernel()
+
+
 def available_attention_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
