@@ -306,7 +306,7 @@ def digits_section(args: argparse.Namespace) -> dict[str, Any]:
             registry.register_sampler(name, lambda cfg, name=name: make_scheduler(name, dict(cfg)), name)
     t0 = time.perf_counter()
     result, _ = run_compare(args.digits_samplers, args.digits_nfe, pipe=pipe, num_images=args.digits_images,
-                            seed=args.seed, progress=False)
+                            seed=args.seed, progress=False, reference=(args.digits_reference, args.digits_reference_steps))
     table: dict[str, Any] = {}
     for cell in result.cells:
         row = table.setdefault(cell.sampler, {"fd": [], "accuracy": [], "nfe": [], "rms_to_ref": []})
@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--digits-images", type=int, default=300)
     p.add_argument("--digits-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10])
     p.add_argument("--digits-samplers", type=lambda s: s.split(","), default=DIGITS_SAMPLERS)
+    p.add_argument("--digits-reference", default="dpmpp_2m", help="sampler of the converged reference (rms column)")
+    p.add_argument("--digits-reference-steps", type=int, default=50)
     p.add_argument("--oracles", type=lambda s: s.split(","), default=None,
                    help="run only these oracles (letters, e.g. A,C); the others keep their stored results")
     p.add_argument("--seed", type=int, default=0)
@@ -514,7 +516,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old["oracles"].update(new["oracles"])
                 new = {**old, "oracles": {k: old["oracles"][k] for k in ORACLES if k in old["oracles"]},
                        "environment": new["environment"]}
+            if name == "digits" and old and "samplers" in old and (old["steps"], old["settings"]["num_images"],
+                                                                   old["settings"]["seed"]) == (
+                    new["steps"], new["settings"]["num_images"], new["settings"]["seed"]):
+                new = {**new, "samplers": {**old["samplers"], **new["samplers"]}}  # same noise and labels: merge
             result[name] = new
+        # other runs may have written sections meanwhile: merge this run's sections into the file as it is now
+        latest = json.loads(path.read_text()) if path.exists() else {}
+        if latest.get("format") == 2:
+            result = {**latest, **{name: result[name] for name in args.sections}}
         result["targets"] = targets(result)
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))

@@ -427,3 +427,24 @@ def test_step_counts_and_custom_float_timesteps(oracle, x_T):
         offset.set_timesteps(1000)
     with pytest.raises(ValueError, match="solver_order"):
         AcceleratedDDIMScheduler(solver_order=4)
+
+
+def test_karras_and_auto_timestep_schedules():
+    from fastdiff.samplers.accelerated_ddim import karras_timesteps
+
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_schedule="karras")
+    dpm = DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG, use_karras_sigmas=True)
+    dpm.set_timesteps(10)
+    ours = karras_timesteps(sched.noise_schedule, 10, include_last=True)
+    assert np.abs(ours - dpm.timesteps.numpy()).max() <= 0.5  # diffusers rounds the same grid to integers
+    sched.set_timesteps(10)  # ends at t = 0 (set_alpha_to_one=False): t = 0 is the end point, not a timestep
+    assert sched.timesteps[0] == 999 and 0 < sched.timesteps[-1] < 10 and len(sched.timesteps) == 10
+    auto = make_scheduler("accel_ddim", {**SD_SCHEDULER_CONFIG, "timestep_spacing": "leading"})
+    auto.set_timesteps(5)
+    assert auto.timesteps.tolist() == [999, 799, 599, 399, 199]  # trailing below 10 steps, from the top
+    auto.set_timesteps(12)
+    assert auto.timesteps.dtype == torch.float64 and auto.timesteps[0] == 999 and auto.timesteps[-1] < 5
+    with pytest.raises(ValueError, match="timestep_schedule"):
+        AcceleratedDDIMScheduler(timestep_schedule="ays")
+    with pytest.raises(ValueError, match="karras_rho"):
+        AcceleratedDDIMScheduler(karras_rho=0)

@@ -88,6 +88,7 @@ INTERPOLATIONS = ("sigma", "alphas_cumprod", "log_snr")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("posterior", "beta")
 SOLVER_ORDERS = (1, 2)
+TIMESTEP_SCHEDULES = ("spacing", "karras", "auto")
 # DDPMScheduler's variance_type values -> the variance the stochastic sampler uses ("learned*" are unsupported)
 VARIANCE_TYPES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta",
                   "fixed_large_log": "beta"}
@@ -297,6 +298,34 @@ def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing
     return ts.astype(np.int64).copy()
 
 
+def karras_timesteps(schedule: NoiseSchedule, n: int, rho: float = 7.0, include_last: bool = False) -> np.ndarray:
+    """``n`` fractional timesteps whose ``sigma / alpha`` follow Karras et al. (2022, Eq. 5) from the top of the
+    schedule (``t = T - 1``) toward ``t = 0``: ``(s_max^(1/rho) + i/(m-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``.
+
+    ``include_last=False`` (the sampler ends at ``t = 0``): ``m = n + 1`` points, the last one (``t = 0``) is the
+    end, not a timestep. ``include_last=True`` (the sampler ends at clean data): ``m = n`` points ending at ``t = 0``.
+    Each level is mapped back to a training timestep by interpolating ``log(sigma / alpha)`` between integers.
+    """
+    big_t = schedule.num_train_timesteps
+    t_int = torch.arange(big_t, dtype=torch.float64)
+    log_sb = schedule.sigma_bar(t_int).log().numpy()
+    if not np.all(np.isfinite(log_sb)) or np.any(np.diff(log_sb) <= 0):  # zero-SNR end or flat schedule
+        keep = np.isfinite(log_sb) & np.concatenate([[True], np.diff(log_sb) > 0])
+        t_np, log_sb = t_int.numpy()[keep], log_sb[keep]
+    else:
+        t_np = t_int.numpy()
+    lo, hi = math.exp(log_sb[0]), math.exp(log_sb[-1])
+    m = n if include_last else n + 1
+    ramp = np.linspace(0.0, 1.0, m) if m > 1 else np.zeros(1)
+    sb = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    ts = np.interp(np.log(sb), log_sb, t_np)[:n]
+    ts[0] = t_np[-1]
+    ts = np.maximum.accumulate(ts[::-1])[::-1].copy()  # guard monotonicity against interpolation ties
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(f"{n} Karras steps do not fit this schedule's {big_t} timesteps")
+    return ts
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the scheduler
 # ------------------------------------------------------------------------------------------------------------
@@ -362,6 +391,9 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         stochastic: bool = False,
         variance_type: str = "fixed_small",
         max_step_ratio: float | None = 3.0,
+        timestep_schedule: Literal["spacing", "karras", "auto"] = "spacing",
+        karras_rho: float = 7.0,
+        karras_from_steps: int = 10,
     ) -> None:
         check_prediction_type(prediction_type)
         if prediction_type == "flow":
@@ -374,6 +406,11 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
         if max_step_ratio is not None and (isinstance(max_step_ratio, bool) or not max_step_ratio > 0):
             raise ValueError(f"max_step_ratio must be a number > 0 or None, got {max_step_ratio!r}")
+        _check_choice("timestep_schedule", timestep_schedule, TIMESTEP_SCHEDULES)
+        if isinstance(karras_rho, bool) or not isinstance(karras_rho, int | float) or not karras_rho > 0:
+            raise ValueError(f"karras_rho must be a number > 0, got {karras_rho!r}")
+        if isinstance(karras_from_steps, bool) or not isinstance(karras_from_steps, int) or karras_from_steps < 1:
+            raise ValueError(f"karras_from_steps must be an int >= 1, got {karras_from_steps!r}")
         if stochastic and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {tuple(VARIANCE_TYPES)} for the stochastic sampler, "
                              f"got {variance_type!r}")
@@ -409,7 +446,13 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
             ts = _custom_timesteps(timesteps, big_t)
         else:
             n = _step_count(num_inference_steps, big_t)
-            ts = spaced_timesteps(n, big_t, self.config.timestep_spacing, self.config.steps_offset)
+            schedule = self.config.timestep_schedule
+            if schedule == "karras" or (schedule == "auto" and n >= self.config.karras_from_steps):
+                ts = karras_timesteps(self.noise_schedule, n, self.config.karras_rho,
+                                      include_last=self._final_timestep is None)
+            else:
+                spacing = "trailing" if schedule == "auto" else self.config.timestep_spacing
+                ts = spaced_timesteps(n, big_t, spacing, self.config.steps_offset)
             if ts.max() > big_t - 1 or ts.min() < 0:
                 raise ValueError(f"num_inference_steps={n} with steps_offset={self.config.steps_offset} and "
                                  f"timestep_spacing={self.config.timestep_spacing!r} puts timesteps outside "
@@ -567,14 +610,13 @@ def _custom_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> n
 def few_step_scheduler(config: Mapping[str, Any], **overrides: Any) -> AcceleratedDDIMScheduler:
     """fastdiff's default few-step sampler (registry name ``accel_ddim``) from a pipeline's scheduler config.
 
-    The accelerated update with the config's settings, except that a ``"leading"`` spacing becomes
-    ``"trailing"``: leading grids start ``T / n`` below the top of the schedule (at t = 801 of 1000 for 5
-    steps), where the pure-noise input is not the model's distribution (Lin et al. 2024, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", Table 2); trailing grids start at ``T - 1`` as Karras grids do.
+    The accelerated update with the config's settings on ``timestep_schedule="auto"``: a trailing grid below
+    ``karras_from_steps`` (10) steps, a Karras grid (rho 7) from there on, both starting at the top of the schedule
+    (``t = T - 1``; a config's ``"leading"`` spacing starts ``T / n`` below it, where the pure-noise input is not the
+    model's distribution: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). The
+    switch at 10 steps was chosen on dev mixtures (``benchmarks/few_step.py`` measures it on unseen ones).
     """
-    settings = dict(overrides)
-    if config.get("timestep_spacing", "leading") == "leading":
-        settings.setdefault("timestep_spacing", "trailing")
+    settings = {"timestep_schedule": "auto", **overrides}
     return AcceleratedDDIMScheduler.from_config(config, **settings)
 
 
