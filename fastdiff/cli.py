@@ -74,6 +74,10 @@ def _check_writable_dir(folder: str | Path, option: str) -> Path:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="a diffusers pipeline directory or hub id (default: the embedded digits model, offline)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt for text-conditioned models (repeat for several; cycled over the images)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
@@ -90,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="samplers x steps -> FD, class accuracy, NFE, time; table, JSON, plot")
     p.add_argument("--samplers", type=_name_list, default=None,
-                   help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,euler,accel_ddim,dpmpp_2m_dualfast); "
+                   help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,deis,accel_ddim,dpmpp_2m_dualfast); "
                         "see `fastdiff samplers`")
-    p.add_argument("--steps", type=_step_list, default=None, help="comma-separated step counts (default: 5,10,20,50)")
+    p.add_argument("--steps", type=_step_list, default=None, help="comma-separated step counts (default: 5,10,20)")
     p.add_argument("--num-images", type=_int_at_least(2, "an image count", " (FD needs two)"), default=None,
                    help="images per cell, >= 2 (default: 100)")
     p.add_argument("--reference-sampler", default=None, metavar="NAME",
@@ -140,7 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
         result, images = run_compare(
             **{k: v for k, v in given.items() if v is not None}, guidance_scale=args.guidance_scale, seed=args.seed,
             tgate=args.tgate, tgate_cond_weight=args.tgate_cond_weight, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, model=args.model, prompts=args.prompt,
         )
     except KeyboardInterrupt as stop:  # compare.CompareInterrupted carries the finished cells
         result, images = getattr(stop, "result", None), getattr(stop, "images", None)
@@ -165,26 +169,35 @@ def _sample(args: argparse.Namespace) -> None:
     _check_writable_dir(out.parent, "--out's folder")
     import torch
 
-    from .models.digits import _check_device, load_embedded_pipeline
+    from .compare import DEFAULT_PROMPT, load_pipeline
+    from .models.digits import DigitsPipeline
     from .samplers.registry import make_scheduler
 
-    pipe = load_embedded_pipeline(_check_device(args.device))
+    pipe = load_pipeline(args.model, args.device)
     pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
     if args.tgate is not None:
         from .samplers.tgate import enable_tgate
 
         enable_tgate(pipe, gate_step=args.tgate, cond_weight=args.tgate_cond_weight)
     kwargs = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    images = pipe(labels, num_inference_steps=args.steps, generator=torch.Generator(args.device).manual_seed(args.seed),
-                  output_type="pt", **kwargs).images.cpu()
-    rows = images[:, 0].reshape(10, args.per_class, *images.shape[2:])
-    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    if isinstance(pipe, DigitsPipeline):  # one row per digit class
+        rows = 10
+        images = pipe(torch.arange(10).repeat_interleave(args.per_class), num_inference_steps=args.steps,
+                      generator=generator, output_type="pt", **kwargs).images.cpu()
+    else:  # one row per prompt
+        prompts = args.prompt or [DEFAULT_PROMPT]
+        rows = len(prompts)
+        images = pipe(prompt=prompts, num_images_per_prompt=args.per_class, num_inference_steps=args.steps,
+                      generator=generator, output_type="pt", **kwargs).images.float().cpu()
+    grid = images.reshape(rows, args.per_class, *images.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)
     from PIL import Image
 
-    Image.fromarray((grid.numpy() * 255).round().astype("uint8")).resize(
-        (grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(out)
-    print(f"wrote {out} ({args.sampler}, {args.steps} steps, {len(labels)} images)")
+    pixels = (grid.numpy() * 255).round().astype("uint8")
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    scale = max(1, 64 // images.shape[-1])
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(out)
+    print(f"wrote {out} ({args.sampler}, {args.steps} steps, {len(images)} images)")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -219,3 +219,46 @@ def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(c
 def test_compare_rejects_a_bad_gate_step():
     with pytest.raises(ValueError, match="tgate must be a gate step >= 1"):
         run_compare(["ddim"], [2], tgate=0, num_images=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    from fastdiff.testing import tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_compare_and_sample_take_any_pipeline_directory(tiny_sd_dir, tmp_path):
+    """--model: a local diffusers pipeline; with no data reference it is ranked by its error to the reference."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--samplers", "ddim", "--steps", "2,4",
+               "--num-images", "2", "--reference-steps", "8", "--guidance-scale", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["settings"]["model"] == str(tiny_sd_dir)
+    assert [c["fd"] for c in data["cells"]] == [None, None]
+    assert data["cells"][1]["rms_to_ref"] < data["cells"][0]["rms_to_ref"]
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--prompt", "a dog", "--per-class", "2",
+                 "--steps", "2", "--out", str(grid)]) == 0
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 16 * 4, 2 * 16 * 4)  # 2 prompts x 2 images of 16 px, scaled 4x
+
+
+def test_model_that_is_not_a_pipeline_fails_clearly(tmp_path, capsys):
+    assert main(["compare", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a diffusers pipeline directory nor a reachable hub id" in capsys.readouterr().err
+
+
+def test_compare_help_names_the_real_defaults(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the lists
+    from fastdiff.cli import build_parser
+    from fastdiff.compare import DEFAULT_SAMPLERS, DEFAULT_STEPS
+
+    text = build_parser()._subparsers._group_actions[0].choices["compare"].format_help().replace("\n", " ")
+    text = " ".join(text.split())
+    assert f"(default: {','.join(DEFAULT_SAMPLERS)})" in text
+    assert f"(default: {','.join(map(str, DEFAULT_STEPS))})" in text

@@ -1,0 +1,20 @@
+"""The README's TGATE snippet, run line for line (tests/test_readme.py checks the lines match)."""
+
+import torch
+
+
+def test_readme_tgate_snippet():
+    # --- README: attention caching
+    import fastdiff
+
+    pipe = fastdiff.load_embedded_pipeline()
+    fastdiff.enable_tgate(pipe, gate_step=3, cond_weight=2.0)      # TGATE; self_attn=True for TGATE-V2
+    images = pipe([3, 7], num_inference_steps=6, guidance_scale=2.0).images
+    fastdiff.disable_tgate(pipe)                                   # the pipeline is exactly as before
+    # --- end
+    assert len(images) == 2 and not fastdiff.is_tgate_enabled(pipe)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    after = pipe([3, 7], num_inference_steps=6, guidance_scale=2.0, latents=noise.clone(), output_type="pt").images
+    fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=6, guidance_scale=2.0, latents=noise.clone(),
+                                              output_type="pt").images
+    assert torch.equal(after, fresh)
