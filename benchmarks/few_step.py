@@ -354,7 +354,9 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                     "change": change, "base_error": own, "met": change < own}
     dg = result.get("digits")
     if dg and "samplers" in dg:
-        rows = dg["samplers"]
+        rows = {**dg.get("samplers_guidance_2", {}).get("samplers", {}), **dg["samplers"]}
+        if any(k.endswith("_prediction") for k in dg["samplers"]) and "dpmpp_2m" not in dg["samplers"]:
+            rows = dg["samplers_guidance_2"]["samplers"] if "samplers_guidance_2" in dg else dg["samplers"]
         for base, name in DUALFAST_PAIRS.items():
             for variant in (name, name + "_prediction"):
                 if variant in rows and base in rows:
@@ -429,6 +431,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f}" for f, a in zip(row["fd"], row["accuracy"]))
                          + " |")
         lines.append("")
+        g2 = dg.get("samplers_guidance_2")
+        if g2:
+            lines += [f"Guidance 2.0 ({g2['note']}):", "", "| sampler | " + " | ".join(
+                f"steps {n}" for n in dg["steps"]) + " |", "|---|" + "---:|" * len(dg["steps"])]
+            for nm, row in g2["samplers"].items():
+                lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f}" for f, a in zip(row["fd"],
+                                                                                         row["accuracy"])) + " |")
+            lines.append("")
     tg = result.get("targets", {})
     if tg:
         missed = [k for k, v in tg.items() if not v["met"]]
@@ -516,10 +526,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old["oracles"].update(new["oracles"])
                 new = {**old, "oracles": {k: old["oracles"][k] for k in ORACLES if k in old["oracles"]},
                        "environment": new["environment"]}
-            if name == "digits" and old and "samplers" in old and (old["steps"], old["settings"]["num_images"],
-                                                                   old["settings"]["seed"]) == (
-                    new["steps"], new["settings"]["num_images"], new["settings"]["seed"]):
-                new = {**new, "samplers": {**old["samplers"], **new["samplers"]}}  # same noise and labels: merge
+            key = ("steps", "num_images", "seed", "guidance_scale")
+            if name == "digits" and old and "samplers" in old and [old["steps"]] + [
+                    old["settings"].get(k) for k in key[1:]] == [new["steps"]] + [new["settings"].get(k) for k in key[1:]]:
+                # same noise, labels and guidance: merge (other tables of the old section stay)
+                new = {**old, **new, "samplers": {**old["samplers"], **new["samplers"]}}
             result[name] = new
         # other runs may have written sections meanwhile: merge this run's sections into the file as it is now
         latest = json.loads(path.read_text()) if path.exists() else {}

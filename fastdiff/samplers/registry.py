@@ -69,7 +69,8 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "unipc_dualfast": BuiltinSampler(_DUAL, "UniPCMultistepDualFastScheduler",
                                      "UniPC + DualFast, the paper's form (Yu et al. 2025)"),
     "accel_ddim_dualfast": BuiltinSampler(_DUAL, "AcceleratedDDIMDualFastScheduler",
-                                          "accelerated DDIM + DualFast, the paper's form (Yu et al. 2025; fastdiff)"),
+                                          "fastdiff's few-step sampler + DualFast, the paper's form (Yu et al. 2025)",
+                                          {"timestep_schedule": "auto"}),  # the grid of accel_ddim
 }
 
 
