@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.kernels.processor import run_attention_processor
 from fastdiff.training.repa import REPA, TOKEN_MATCHING, TeacherOutput, get_block, run_teacher, token_grid
 
 # ------------------------------------------------------------------------------------ backends (seam)
@@ -135,41 +136,15 @@ class AttentionCaptureProcessor:
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("AttentionCaptureProcessor handles self-attention only")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image_layout = hidden_states.ndim == 4
-        if image_layout:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, tokens, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return run_attention_processor(attn, hidden_states, None, attention_mask, temb, self._attention)
 
-        def heads(x: Tensor) -> Tensor:
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+    def _attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                   scale: float) -> Tensor:
         if self.target is None and not self.keep_logits:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
-        else:
-            result = _BACKENDS[self.backend](query, key, value, attn.scale, attention_mask, self.target,
-                                             self.keep_logits)
-            out, self.loss, self.logits = result.output, result.loss, result.logits
-        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if image_layout:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+        result = _BACKENDS[self.backend](query, key, value, scale, attention_mask, self.target, self.keep_logits)
+        self.loss, self.logits = result.loss, result.logits
+        return result.output
 
 
 @contextmanager
