@@ -354,16 +354,17 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                     "change": change, "base_error": own, "met": change < own}
     dg = result.get("digits")
     if dg and "samplers" in dg:
-        rows = {**dg.get("samplers_guidance_2", {}).get("samplers", {}), **dg["samplers"]}
-        if any(k.endswith("_prediction") for k in dg["samplers"]) and "dpmpp_2m" not in dg["samplers"]:
-            rows = dg["samplers_guidance_2"]["samplers"] if "samplers_guidance_2" in dg else dg["samplers"]
-        for base, name in DUALFAST_PAIRS.items():
-            for variant in (name, name + "_prediction"):
-                if variant in rows and base in rows:
-                    for j, n in enumerate(dg["steps"]):
-                        mine, ref = rows[variant]["fd"][j], rows[base]["fd"][j]
-                        out[f"digits FD lowered / {variant} / NFE {n}"] = {"fd": mine, "base_fd": ref,
-                                                                          "met": mine < ref}
+        tables = {f"guidance {dg['settings']['guidance_scale']}": dg["samplers"]}
+        if "samplers_guidance_2" in dg:
+            tables["guidance 2.0"] = dg["samplers_guidance_2"]["samplers"]
+        for tag, rows in tables.items():  # base and DualFast compared within one table only (same guidance)
+            for base, name in DUALFAST_PAIRS.items():
+                for variant in (name, name + "_prediction"):
+                    if variant in rows and base in rows:
+                        for j, n in enumerate(dg["steps"]):
+                            mine, ref = rows[variant]["fd"][j], rows[base]["fd"][j]
+                            out[f"digits FD lowered ({tag}) / {variant} / NFE {n}"] = {"fd": mine, "base_fd": ref,
+                                                                                      "met": mine < ref}
     return out
 
 
