@@ -367,14 +367,15 @@ def render_table(result: CompareResult):
     for col in columns:
         table.add_column(col, justify="left" if col == "sampler" else "right")
     winners = result.winners()
-    for c in result.cells:
-        def mark(measure: str, value: float | None) -> str:
-            won = winners.get(measure, {}).get(c.steps) == c.sampler
-            return f"[bold]*{_fmt(value)}[/bold]" if won and value is not None else _fmt(value)
+    def mark(c: CompareCell, measure: str) -> str:
+        value = getattr(c, measure)
+        won = winners.get(measure, {}).get(c.steps) == c.sampler
+        return f"[bold]*{_fmt(value)}[/bold]" if won and value is not None else _fmt(value)
 
+    for c in result.cells:
         name = c.sampler + (f" +tgate@{c.tgate}" if c.tgate else "")
-        table.add_row(name, str(c.steps), str(c.nfe), mark("rms_to_ref", c.rms_to_ref), mark("fd_to_ref", c.fd_to_ref),
-                      mark("fd", c.fd), _fmt(c.accuracy), f"{c.seconds:.2f}")
+        table.add_row(name, str(c.steps), str(c.nfe), mark(c, "rms_to_ref"), mark(c, "fd_to_ref"), mark(c, "fd"),
+                      _fmt(c.accuracy), f"{c.seconds:.2f}")
     table.caption = (f"conv. = converged: {ref.get('sampler')} x {ref.get('steps')} from the same noise"
                      + (f" ({metric} {_fmt(ref.get('fd'))}, acc. {_fmt(ref.get('accuracy'))})" if ref.get("fd") else "")
                      + "; * best at that step count")

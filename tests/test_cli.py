@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -195,13 +196,12 @@ def test_samplers_lists_the_baselines(capsys):
         assert name in listed
 
 
-def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe(compare_run):
+def test_compare_with_tgate_gates_only_long_enough_cells_and_restores_the_pipe():
     from fastdiff import is_tgate_enabled, load_embedded_pipeline
 
-    _, out = compare_run
-    plain = {(c["sampler"], c["steps"]): c for c in json.loads((out / "compare.json").read_text())["cells"]}
     pipe = load_embedded_pipeline()
-    cheap = {"num_images": 20, "progress": False, "reference": CHEAP_REFERENCE}
+    cheap = {"num_images": 20, "progress": False, "reference": CHEAP_REFERENCE, "guidance_scale": 2.0}  # TGATE drops CFG
+    plain = {(c.sampler, c.steps): asdict(c) for c in run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, **cheap)[0].cells}
     result, images = run_compare(["ddim", "dpmpp_2m"], [2, 4], pipe=pipe, tgate=3, **cheap)
     guided, _ = run_compare(["ddim"], [4], pipe=pipe, tgate=3, tgate_cond_weight=2.0, **cheap)
     assert guided.settings["tgate_cond_weight"] == 2.0 and guided.cells[0].fd != pytest.approx(result.cells[1].fd)

@@ -234,7 +234,9 @@ def test_callback_on_step_end_may_replace_latents_and_conditioning(pipe):
     assert not torch.allclose(swapped, sample(pipe, seed=0))
     # conditioning, replaced after step 0: labels (3, 7) for step 0, then (5, 1); the same as a (5, 1) run whose
     # state after step 0 is swapped for the (3, 7) run's
-    ehs = pipe.encode_class_labels([5, 1])
+    from fastdiff.models.digits import DEFAULT_GUIDANCE_SCALE
+
+    ehs = pipe.encode_class_labels([5, 1], do_classifier_free_guidance=DEFAULT_GUIDANCE_SCALE > 1)
 
     def relabel(p, i, t, kw):
         assert kw["encoder_hidden_states"].shape == ehs.shape and sorted(kw) == ["encoder_hidden_states"]

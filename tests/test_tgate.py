@@ -246,10 +246,10 @@ def test_pixart_and_digits(pixart, digits):
     digits.scheduler.step = step
     log, original = counting(digits.transformer)
     try:
-        digits([3, 4], num_inference_steps=STEPS, generator=gen(), output_type="pt")
+        digits([3, 4], num_inference_steps=STEPS, guidance_scale=2.0, generator=gen(), output_type="pt")
         ref_steps, steps[:], log[:] = list(steps), [], []
         fastdiff.enable_tgate(digits, gate_step=GATE)
-        digits([3, 4], num_inference_steps=STEPS, generator=gen(), output_type="pt")
+        digits([3, 4], num_inference_steps=STEPS, guidance_scale=2.0, generator=gen(), output_type="pt")
     finally:
         fastdiff.disable_tgate(digits)
         del digits.scheduler.step
