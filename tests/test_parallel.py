@@ -393,7 +393,7 @@ def test_no_autograd_graph_across_rounds():
 def test_default_method_and_tolerance():
     sm, x, noise, ref = _setup(*SCHEDULERS["ddpm"])
     out, stats = sample_parallel(sm, ORACLE, x, noise)
-    assert (stats.method, stats.tolerance) == ("newton", 3e-4) and stats.converged
+    assert (stats.method, stats.tolerance) == ("newton", 1e-4) and stats.converged
     assert (out - ref).pow(2).mean().sqrt() <= 1e-3
     _, stats = sample_parallel(sm, ORACLE, x, noise, method="picard")
     assert stats.tolerance == 0.1
