@@ -80,13 +80,18 @@ class GaussianMixtureDenoiser(nn.Module):
         """``log p_t(x)`` of the noised mixture at noise level (alpha, sigma); ``x`` is ``[B, dim]``."""
         return torch.logsumexp(self._components(x, alpha, sigma)[2], dim=1)
 
-    def posterior(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-        """Exact ``(E[x0 | x], E[eps | x])`` at noise level (alpha, sigma), finite for every level."""
+    def _flat_inputs(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """``x`` as ``[B, dim]`` in the mixture's dtype, and ``alpha`` / ``sigma`` as ``[B]``."""
         flat = x.reshape(x.shape[0], -1).to(self.means.dtype)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x must have {self.dim} elements per sample, got {flat.shape[1]}")
         alpha = torch.as_tensor(alpha, dtype=flat.dtype, device=flat.device).expand(flat.shape[0])
         sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(flat.shape[0])
+        return flat, alpha, sigma
+
+    def posterior(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """Exact ``(E[x0 | x], E[eps | x])`` at noise level (alpha, sigma), finite for every level."""
+        flat, alpha, sigma = self._flat_inputs(x, alpha, sigma)
         diff, var, logits = self._components(flat, alpha, sigma)
         resp = torch.softmax(logits, dim=1).unsqueeze(-1)  # [B,K,1]
         a, s = alpha.reshape(-1, 1, 1), sigma.reshape(-1, 1, 1)
@@ -173,11 +178,7 @@ class AnisotropicGaussianMixtureDenoiser(GaussianMixtureDenoiser):
         return proj, var, self.log_weights + log_norm
 
     def posterior(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-        flat = x.reshape(x.shape[0], -1).to(self.means.dtype)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"x must have {self.dim} elements per sample, got {flat.shape[1]}")
-        alpha = torch.as_tensor(alpha, dtype=flat.dtype, device=flat.device).expand(flat.shape[0])
-        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(flat.shape[0])
+        flat, alpha, sigma = self._flat_inputs(x, alpha, sigma)
         proj, var, logits = self._components(flat, alpha, sigma)
         resp = torch.softmax(logits, dim=1).unsqueeze(-1)  # [B,K,1]
         a, s = alpha.reshape(-1, 1, 1), sigma.reshape(-1, 1, 1)
