@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -112,5 +113,5 @@ def test_shell_command_runs(line, tmp_path):
     if argv is None:
         return
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
