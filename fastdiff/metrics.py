@@ -286,7 +286,7 @@ def _check_choice(value: object, name: str, allowed: Sequence[str]) -> str:
 def inception_status() -> tuple[bool, str]:
     """``(available, reason)`` for the standard Inception FID: torch-fidelity and weights on disk."""
     if importlib.util.find_spec("torch_fidelity") is None:
-        return False, "torch-fidelity is not installed (pip install torch-fidelity)"
+        return False, 'torch-fidelity is not installed (pip install "fastdiff[fid]")'
     path = inception_weights_path()
     if path is None:
         return False, (f"no Inception weights on disk (set ${INCEPTION_WEIGHTS_ENV} or place "
