@@ -3,8 +3,12 @@
 from fastdiff.models.digits import (
     ClassEmbedder,
     DigitsPipeline,
+    DigitsUNetPipeline,
     build_digits_pipeline,
+    build_digits_unet_pipeline,
     load_embedded_pipeline,
+    load_embedded_unet_pipeline,
 )
 
-__all__ = ["ClassEmbedder", "DigitsPipeline", "build_digits_pipeline", "load_embedded_pipeline"]
+__all__ = ["ClassEmbedder", "DigitsPipeline", "DigitsUNetPipeline", "build_digits_pipeline", "build_digits_unet_pipeline",
+           "load_embedded_pipeline", "load_embedded_unet_pipeline"]

@@ -8,6 +8,13 @@ transformer is diffusers' ``PixArtTransformer2DModel`` unchanged; the weights sh
 (``fastdiff/models/digits_pixart``) and are trained by the one training script,
 ``fastdiff train --config digits_embedded`` (``configs/digits_embedded.yaml``), whose exported
 ``pipeline/`` directory is what ships.
+
+The embedded UNet (:class:`DigitsUNetPipeline`, ``fastdiff/models/digits_unet``) is the same task with
+diffusers' ``UNet2DConditionModel`` as the denoiser: Stable Diffusion's block layout (Rombach et al., 2022,
+arXiv:2112.10752) shrunk to 16x16 -> 8x8 -> 4x4 (``DIGITS_UNET_CONFIG``), the same class tokens, null class,
+DDPM schedule, data and training script (``fastdiff train --config digits_unet``). It shares
+``DigitsPipeline``'s sampling loop (a subclass whose denoiser is ``unet``), so what takes the transformer
+pipeline takes it too.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, PixArtTransformer2DModel
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -36,6 +49,7 @@ NULL_CLASS = NUM_CLASSES  # label used for the unconditional branch of classifie
 DEFAULT_GUIDANCE_SCALE = 1.0
 OUTPUT_TYPES = ("pil", "pt", "np")
 EMBEDDED_WEIGHTS_DIR = Path(__file__).with_name("digits_pixart")
+EMBEDDED_UNET_WEIGHTS_DIR = Path(__file__).with_name("digits_unet")
 
 DIGITS_CLASS_EMBEDDER_CONFIG: dict = {"num_classes": NUM_CLASSES, "num_tokens": 4, "embed_dim": 64}
 
@@ -55,6 +69,24 @@ DIGITS_TRANSFORMER_CONFIG: dict = {
     "activation_fn": "gelu-approximate",
     "attention_bias": True,
     "dropout": 0.0,
+}
+
+# The embedded UNet (fastdiff/models/digits_unet, configs/digits_unet.yaml): Stable Diffusion's block layout at
+# 16x16 -> 8x8 -> 4x4: cross-attention to the class tokens at the two shallow levels and in the mid block, a
+# plain ResNet level at the deepest resolution, so both deep-feature reuse across steps (DeepCache: recompute
+# the shallowest level, reuse the cached upsampled deep features) and cross-attention caching (TGATE) apply.
+DIGITS_UNET_CONFIG: dict = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (16, 48, 96),  # 1.71M parameters; a thin 16x16 level keeps a CPU training step cheap
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": DIGITS_CLASS_EMBEDDER_CONFIG["embed_dim"],
+    "attention_head_dim": (1, 3, 6),  # diffusers' name for the number of heads per level: 16 channels per head
 }
 
 # DDPM training schedule; the shipped sampler is DDIM with this config (any scheduler can be swapped in).
@@ -104,10 +136,16 @@ class DigitsPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "class_embedder->transformer"
     _callback_tensor_inputs = ["latents", "encoder_hidden_states"]
+    denoiser_name = "transformer"  # the component the sampling loop calls (``DigitsUNetPipeline``: ``unet``)
 
     def __init__(self, transformer: PixArtTransformer2DModel, class_embedder: ClassEmbedder, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(transformer=transformer, class_embedder=class_embedder, scheduler=scheduler)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The denoising network: ``transformer`` here, ``unet`` in :class:`DigitsUNetPipeline`."""
+        return getattr(self, self.denoiser_name)
 
     def _labels_tensor(self, class_labels: int | list[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(class_labels, torch.Tensor):
@@ -144,7 +182,7 @@ class DigitsPipeline(DiffusionPipeline):
         if do_classifier_free_guidance:
             labels = torch.cat([torch.full_like(labels, self.class_embedder.null_class), labels])
         labels = labels.to(self.class_embedder.device)
-        return self.class_embedder(labels).to(self.transformer.dtype)
+        return self.class_embedder(labels).to(self.denoiser.dtype)
 
     def predict_noise(
         self,
@@ -172,8 +210,8 @@ class DigitsPipeline(DiffusionPipeline):
         t = t.reshape(-1).expand(batch)
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         timestep = torch.cat([t, t]) if do_cfg else t
-        out = self.transformer(
-            model_input.to(self.transformer.dtype),
+        out = self.denoiser(
+            model_input.to(self.denoiser.dtype),
             encoder_hidden_states=encoder_hidden_states,
             timestep=timestep,
             return_dict=False,
@@ -227,14 +265,14 @@ class DigitsPipeline(DiffusionPipeline):
         device = self._execution_device
         encoder_hidden_states = self.encode_class_labels(class_labels, num_images_per_prompt, do_cfg)
 
-        cfg = self.transformer.config
+        cfg, dtype = self.denoiser.config, self.denoiser.dtype
         shape = (encoder_hidden_states.shape[0] // (2 if do_cfg else 1), cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
-            latents = latents.to(device=device, dtype=self.transformer.dtype)
+            latents = latents.to(device=device, dtype=dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
@@ -298,6 +336,29 @@ class DigitsPipeline(DiffusionPipeline):
         return new
 
 
+class DigitsUNetPipeline(DigitsPipeline):
+    """:class:`DigitsPipeline` with a class-conditional ``UNet2DConditionModel`` as the denoiser.
+
+    Components: ``unet``, ``class_embedder``, ``scheduler``. The sampling loop, classifier-free guidance,
+    arguments and outputs are ``DigitsPipeline``'s (inherited, so code accepting a ``DigitsPipeline``
+    accepts this one); only the component the loop calls differs.
+    """
+
+    model_cpu_offload_seq = "class_embedder->unet"
+    denoiser_name = "unet"
+
+    def __init__(self, unet: UNet2DConditionModel, class_embedder: ClassEmbedder, scheduler: SchedulerMixin):
+        DiffusionPipeline.__init__(self)  # DigitsPipeline's __init__ registers a transformer
+        self.register_modules(unet=unet, class_embedder=class_embedder, scheduler=scheduler)
+
+
+def digits_pipeline_for(denoiser: nn.Module, class_embedder: ClassEmbedder, scheduler: SchedulerMixin) -> DigitsPipeline:
+    """The class-token digits pipeline around ``denoiser``: a :class:`DigitsUNetPipeline` for a
+    ``UNet2DConditionModel``, else a :class:`DigitsPipeline` (transformers)."""
+    cls = DigitsUNetPipeline if isinstance(denoiser, UNet2DConditionModel) else DigitsPipeline
+    return cls(denoiser, class_embedder, scheduler)
+
+
 def init_pixart_weights(transformer: PixArtTransformer2DModel) -> None:
     """PixArt-alpha's initialisation (after DiT): xavier linears, N(0, 0.02) timestep MLPs, zero
     cross-attention outputs and final projection. diffusers' class keeps PyTorch's defaults (it is
@@ -339,6 +400,24 @@ def build_digits_pipeline(transformer_config: dict | None = None, seed: int = 0)
     return DigitsPipeline(transformer, class_embedder, DDIMScheduler(**DIGITS_SCHEDULER_CONFIG))
 
 
+def build_digits_unet_pipeline(unet_config: dict | None = None, seed: int = 0) -> DigitsUNetPipeline:
+    """A randomly initialised :class:`DigitsUNetPipeline` (diffusers' own UNet initialisation, as the training
+    script builds it) with a DDIM scheduler.
+
+    ``unet_config`` overrides entries of ``DIGITS_UNET_CONFIG``; the class embedder's width follows
+    ``cross_attention_dim``.
+    """
+    if unet_config is not None and not isinstance(unet_config, Mapping):
+        raise TypeError(f"unet_config must be a dict of UNet2DConditionModel arguments, got {type(unet_config).__name__}")
+    config = {**DIGITS_UNET_CONFIG, **(unet_config or {})}
+    embedder_config = {**DIGITS_CLASS_EMBEDDER_CONFIG, "embed_dim": config["cross_attention_dim"]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**config)
+        class_embedder = ClassEmbedder(**embedder_config)
+    return DigitsUNetPipeline(unet, class_embedder, DDIMScheduler(**DIGITS_SCHEDULER_CONFIG))
+
+
 def _check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -353,18 +432,16 @@ def _check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_embedded_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DigitsPipeline:
-    """The shipped, trained ``DigitsPipeline``, loaded offline from the package directory.
-
-    Every call returns a fresh pipeline, so mutating one (new scheduler, hooks) never affects another.
-    """
+def _load_shipped(pipeline_cls: type[DigitsPipeline], weights_dir: Path, config_name: str,
+                  device: str | torch.device, dtype: torch.dtype) -> DigitsPipeline:
+    """A fresh ``pipeline_cls`` from the package directory ``weights_dir``, offline."""
     dev = _check_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), got {dtype!r}")
-    if not (EMBEDDED_WEIGHTS_DIR / "model_index.json").is_file():
+    if not (weights_dir / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"embedded weights missing at {EMBEDDED_WEIGHTS_DIR}; train them with "
-            "`fastdiff train --config digits_embedded` and copy runs/digits_embedded/pipeline there"
+            f"embedded weights missing at {weights_dir}; train them with "
+            f"`fastdiff train --config {config_name}` and copy runs/{config_name}/pipeline there"
         )
     from diffusers.utils import logging as diffusers_logging
 
@@ -372,10 +449,24 @@ def load_embedded_pipeline(device: str | torch.device = "cpu", dtype: torch.dtyp
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()  # three tiny local components: no "Loading pipeline components" bar
     try:
-        pipe = DigitsPipeline.from_pretrained(EMBEDDED_WEIGHTS_DIR, local_files_only=True, use_safetensors=True,
-                                              dtype=dtype)
+        pipe = pipeline_cls.from_pretrained(weights_dir, local_files_only=True, use_safetensors=True, dtype=dtype)
     finally:
         diffusers_logging.set_verbosity(verbosity)
         if bars:
             diffusers_logging.enable_progress_bar()
     return pipe.to(dev)
+
+
+def load_embedded_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DigitsPipeline:
+    """The shipped, trained ``DigitsPipeline``, loaded offline from the package directory.
+
+    Every call returns a fresh pipeline, so mutating one (new scheduler, hooks) never affects another.
+    """
+    return _load_shipped(DigitsPipeline, EMBEDDED_WEIGHTS_DIR, "digits_embedded", device, dtype)
+
+
+def load_embedded_unet_pipeline(device: str | torch.device = "cpu",
+                                dtype: torch.dtype = torch.float32) -> DigitsUNetPipeline:
+    """The shipped, trained :class:`DigitsUNetPipeline` (``fastdiff/models/digits_unet``, trained by
+    ``fastdiff train --config digits_unet``), loaded offline; a fresh pipeline on every call."""
+    return _load_shipped(DigitsUNetPipeline, EMBEDDED_UNET_WEIGHTS_DIR, "digits_unet", device, dtype)
