@@ -1,20 +1,29 @@
-"""Training speed on digits: baseline vs Min-SNR vs REPA vs HASTE, from scratch, same seeds and budget.
+"""Training speed on digits: baseline vs Min-SNR vs REPA vs HASTE, from scratch, paired seeds, two testbeds.
 
-    python benchmarks/training_speed.py                       # full run (writes JSON + PNG)
-    python benchmarks/training_speed.py --steps 60 --seeds 0 --eval-every 30 --num-samples 100   # smoke
+    python benchmarks/training_speed.py                     # full run (JSON + PNG in benchmarks/results/)
+    python benchmarks/training_speed.py --steps 60 --seeds 0 --eval-every 30 --num-samples 100 \\
+        --speed-steps 10 --out /tmp/ts --work-dir /tmp/ts_runs                              # smoke
+    python benchmarks/training_speed.py --reanalyse          # re-score the runs kept in --work-dir
 
-Every method trains the embedded architecture (a class-conditional ``PixArtTransformer2DModel``; by default
-narrowed and shallowed through ``model.config`` overrides so the whole benchmark fits a CPU budget) with
-``fastdiff.training.train`` on the digits train split, evaluating FD-digits of EMA samples (same evaluation
-noise for every run) at fixed steps. Reported:
+Testbeds (``configs/digits_testbed.yaml`` and ``configs/digits_testbed_uncond.yaml``): the same small
+class-conditional / unconditional ``PixArtTransformer2DModel`` (patch 4, 6 blocks, width 64) trained by
+``fastdiff.training.train`` on the digits train split; REPA and HASTE use the shipped self-supervised
+teacher ``digits_mae`` whose 4x4 token grid is the student's, with the paper defaults of the configs (REPA
+after block 2 of 6, HASTE attention pairs ``[[0, 4], [1, 5]]``, gradient-angle termination).
 
-* FD vs steps (mean and spread over seeds), plotted;
-* steps to reach the baseline's final FD, per seed (the crossing is interpolated linearly between
-  evaluations), and its ratio to the baseline's own steps;
-* throughput and peak memory of each method, measured side by side in fresh processes.
+Scoring (one rule, written down in the JSON's ``setup.scoring``):
 
-Each run is a worker subprocess (``--worker``), so runs can go in parallel (``--jobs``) and each has its
-own peak-RSS figure.
+* every run is evaluated every ``--eval-every`` steps: FD-digits of ``--num-samples`` EMA samples (DDIM,
+  the same noise for every run and method), so FD differences between methods at one seed are paired;
+* the **target** is the baseline's FD averaged over its last ``--last-evals`` evaluations (mean over seeds
+  for the mean curve, the same seed's for the per-seed ratios);
+* **steps to target**: the step after which a curve stays at or below the target, linearly interpolated
+  between evaluations; the **ratio** is that over the baseline's own steps to the same target. It is
+  computed on the mean curve over seeds (headline) and per seed against the same-seed baseline (spread);
+* the paired FD change of each method against the same-seed baseline over the last evaluations.
+
+Each run is a worker subprocess (``--worker``), so runs go in parallel (``--jobs``) and each has its own
+peak-RSS figure; a short side-by-side throughput measurement follows.
 """
 
 from __future__ import annotations
@@ -34,9 +43,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "digits_dit.yaml"
+if str(ROOT) not in sys.path:  # this checkout's fastdiff, also when another one is pip-installed
+    sys.path.insert(0, str(ROOT))
+TESTBEDS = {"unconditional": ROOT / "configs" / "digits_testbed_uncond.yaml",
+            "conditional": ROOT / "configs" / "digits_testbed.yaml"}
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = {  # method -> training overrides on top of the shared ones
+METHODS = {  # method -> training overrides on top of the testbed config
     "baseline": [],
     "min_snr": ["--weighting", "min_snr"],
     "repa": ["--repa"],
@@ -45,25 +57,18 @@ METHODS = {  # method -> training overrides on top of the shared ones
 SPEED_METHODS = {**METHODS,  # + the teacher run every step instead of memoised per sample
                  "repa_teacher_online": ["--repa", "align.cache_teacher=false"],
                  "haste_teacher_online": ["--haste", "align.cache_teacher=false"]}
-TARGETS = {"min_snr": 0.7, "repa": 0.5}  # steps ratio to the baseline's final FD; HASTE: <= REPA
+# steps ratio (method / baseline) to reach the baseline's final FD; HASTE also <= REPA
+TARGETS = {"unconditional": {"repa": 0.5, "haste": 0.5}, "conditional": {"repa": 0.8, "haste": 0.8, "min_snr": 0.7}}
 
 
 def shared_overrides(args: argparse.Namespace) -> list[str]:
-    model = [f"model.config.{k}={v}" for k, v in json.loads(args.model_config).items()]
-    return [
-        "--max_steps", str(args.steps), *model,
-        f"train.lr={args.lr}", f"train.batch_size={args.batch_size}", "train.warmup_steps=50",
-        f"align.repa_block={args.repa_block}", f"align.attn_pairs={args.attn_pairs}",
-        f"align.projector_dim={args.projector_dim}", "align.token_matching=interpolate", "align.cache_teacher=true",
-        f"align.stop_step={int(args.haste_stop * args.steps)}",
-        f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
-        f"eval.inference_steps={args.inference_steps}", "checkpoint.every=0", "checkpoint.resume=null",
-        "log.every=25", "log.progress_bar=false",
-    ]
+    return ["--max_steps", str(args.steps), f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
+            f"eval.inference_steps={args.inference_steps}", "checkpoint.every=0", "checkpoint.resume=null",
+            "log.progress_bar=false", *args.override]
 
 
 # ------------------------------------------------------------------------------------------ workers
-def worker(method: str, seed: int, out: Path, overrides: list[str]) -> None:
+def worker(testbed: str, method: str, seed: int, out: Path, overrides: list[str]) -> None:
     """One training run in this process; writes ``summary.json`` next to its logs."""
     import torch
 
@@ -71,129 +76,142 @@ def worker(method: str, seed: int, out: Path, overrides: list[str]) -> None:
     from fastdiff.training.config import load_config
     from fastdiff.training.train import train
 
-    cfg = load_config(CONFIG, [*overrides, *SPEED_METHODS[method], f"seed={seed}", f"output_dir={out}"])
+    cfg = load_config(TESTBEDS[testbed], [*overrides, *SPEED_METHODS[method], f"seed={seed}", f"output_dir={out}"])
     summary = train(cfg)
     summary["losses"] = {int(k): v for k, v in summary["losses"].items()}
     (out / "summary.json").write_text(json.dumps(summary, default=str))
 
 
-def run_worker(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(seed), str(out), "--", *overrides]
+def run_worker(testbed: str, method: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    if (out / "summary.json").is_file() and (out / "overrides.json").is_file() and \
+            json.loads((out / "overrides.json").read_text()) == overrides:  # finished earlier: keep it
+        return json.loads((out / "summary.json").read_text())
+    cmd = [sys.executable, __file__, "--worker", testbed, method, str(seed), str(out), "--", *overrides]
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{testbed} {method} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - t0
-    final = f"final FD {summary['evals'][-1]['fd']:.1f}, " if summary["evals"] else ""
-    print(f"  {method:9s} seed {seed}: {final}{summary['throughput_img_per_s']:.0f} img/s, "
-          f"{summary['peak_memory_mb']:.0f} MB peak RSS, {summary['wall_seconds']:.0f} s", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, default=str))
+    (out / "overrides.json").write_text(json.dumps(overrides))
+    final = f"final FD {summary['evals'][-1]['fd']:.2f}, " if summary["evals"] else ""
+    print(f"  {testbed:13s} {method:9s} seed {seed}: {final}{summary['throughput_img_per_s']:.0f} img/s, "
+          f"terminated at {summary.get('terminated_at')}, {summary['wall_seconds']:.0f} s", flush=True)
     return summary
 
 
 # ------------------------------------------------------------------------------------------ analysis
-def crossing_step(steps: list[int], values: list[float], target: float, stay: bool = True) -> float | None:
-    """Step at which a curve gets to ``target`` or below, interpolated linearly between evaluations.
+def crossing_step(steps: list[int], values: list[float], target: float) -> float | None:
+    """Step after which a curve stays at or below ``target``, interpolated linearly between evaluations.
 
-    ``stay=True`` (the default, used for the ratios) takes the *last* downward crossing, after which the
-    curve stays at or below ``target``: early FD curves are not monotone (blurry blobs can score as well as
-    later, sharper but wrong samples), and a first touch would credit noise. ``None`` if the final value is
-    above ``target`` (``stay``) or it is never reached.
+    The *last* downward crossing: early FD curves are not monotone (blurry blobs can score as well as later,
+    sharper but wrong samples), and a first touch would credit noise. ``None`` if the final value is above
+    ``target``.
     """
     below = [v <= target for v in values]
-    if stay:
-        if not below[-1]:
-            return None
-        i = len(values) - 1
-        while i > 0 and below[i - 1]:
-            i -= 1
-    else:
-        if not any(below):
-            return None
-        i = below.index(True)
+    if not below or not below[-1]:
+        return None
+    i = len(values) - 1
+    while i > 0 and below[i - 1]:
+        i -= 1
     if i == 0:
         return float(steps[0])
     (s0, v0), (s1, v1) = (steps[i - 1], values[i - 1]), (steps[i], values[i])
     return s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
 
 
-def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
-    if any(v is None for v in values):
-        return None, None
-    return float(np.mean(values)), float(np.std(values))
+def _fd_curve(run: dict) -> tuple[list[int], list[float]]:
+    return [e["step"] for e in run["evals"]], [float(e["fd"]) for e in run["evals"]]
 
 
-def analyse(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
-    """Per-seed steps to the (same-seed) baseline's final FD, their ratio to the baseline's, and curves."""
-    def curve(run: dict, key: str) -> tuple[list[int], list[float]]:
-        return [e["step"] for e in run["evals"]], [e[key] for e in run["evals"]]
+def _ratio(needed: float | None, base: float | None) -> float | None:
+    return None if needed is None or not base else needed / base
 
-    table = {}
-    for method, per_seed in runs.items():
-        needed, first, ratios = [], [], []
-        for seed in seeds:
-            b_steps, b_fds = curve(runs["baseline"][seed], "fd")
-            target = b_fds[-1]
-            steps, fds = curve(per_seed[seed], "fd")
-            n = crossing_step(steps, fds, target)
-            needed.append(n)
-            first.append(crossing_step(steps, fds, target, stay=False))
-            base = crossing_step(b_steps, b_fds, target)
-            ratios.append(None if n is None else n / base)
-        final_fd = [curve(per_seed[s], "fd")[1][-1] for s in seeds]
-        final_acc = [curve(per_seed[s], "accuracy")[1][-1] for s in seeds]
-        ratio_mean, ratio_std = _stats(ratios)
-        table[method] = {
-            "final_fd_mean": float(np.mean(final_fd)), "final_fd_std": float(np.std(final_fd)),
-            "final_accuracy_mean": float(np.mean(final_acc)), "final_accuracy_std": float(np.std(final_acc)),
-            "steps_to_baseline_final_fd": needed, "first_touch_of_baseline_final_fd": first,
-            "ratio_per_seed": ratios, "ratio_mean": ratio_mean, "ratio_std": ratio_std,
-            "seeds_reaching_target": sum(r is not None for r in ratios),
-            "throughput_img_per_s_in_run": float(np.mean([per_seed[s]["throughput_img_per_s"] for s in seeds])),
-        }
+
+def analyse_testbed(runs: dict[str, dict[int, dict]], seeds: list[int], last: int) -> dict:
+    """Curves, targets, steps-to-target ratios (mean curve + per seed, paired) and paired FD changes."""
+    steps = _fd_curve(runs["baseline"][seeds[0]])[0]
+    fd = {m: np.array([_fd_curve(per[s])[1] for s in seeds]) for m, per in runs.items()}  # [seed, eval]
     curves = {}
-    for method, per_seed in runs.items():
-        steps = curve(per_seed[seeds[0]], "fd")[0]
-        fd = np.array([curve(per_seed[s], "fd")[1] for s in seeds])
-        acc = np.array([curve(per_seed[s], "accuracy")[1] for s in seeds])
-        curves[method] = {"steps": steps, "fd_mean": fd.mean(0).tolist(), "fd_std": fd.std(0).tolist(),
-                          "accuracy_mean": acc.mean(0).tolist(), "accuracy_std": acc.std(0).tolist()}
-    base = curves["baseline"]
-    for method, c in curves.items():
-        n = crossing_step(c["steps"], c["fd_mean"], base["fd_mean"][-1])
-        table[method]["ratio_on_mean_curve"] = None if n is None else n / crossing_step(
-            base["steps"], base["fd_mean"], base["fd_mean"][-1])
-    return {"table": table, "curves": curves}
+    for method, per in runs.items():
+        c = {"steps": steps, "fd_mean": fd[method].mean(0).tolist(), "fd_std": fd[method].std(0).tolist(),
+             "fd_per_seed": {str(s): fd[method][i].tolist() for i, s in enumerate(seeds)}}
+        acc = [[e.get("accuracy") for e in per[s]["evals"]] for s in seeds]
+        if all(a is not None for row in acc for a in row):
+            acc = np.array(acc, dtype=float)
+            c.update(accuracy_mean=acc.mean(0).tolist(), accuracy_std=acc.std(0).tolist())
+        curves[method] = c
+    base_mean = fd["baseline"].mean(0)
+    target = float(base_mean[-last:].mean())
+    base_steps = crossing_step(steps, base_mean.tolist(), target)
+    seed_targets = [float(fd["baseline"][i, -last:].mean()) for i in range(len(seeds))]
+    seed_base = [crossing_step(steps, fd["baseline"][i].tolist(), t) for i, t in enumerate(seed_targets)]
+    table = {}
+    for method in runs:
+        needed = crossing_step(steps, curves[method]["fd_mean"], target)
+        per_seed = [crossing_step(steps, fd[method][i].tolist(), t) for i, t in enumerate(seed_targets)]
+        ratios = [_ratio(n, b) for n, b in zip(per_seed, seed_base)]
+        finite = [r for r in ratios if r is not None]
+        last_fd = fd[method][:, -last:].mean(1)  # per seed
+        change = (last_fd - fd["baseline"][:, -last:].mean(1)) / fd["baseline"][:, -last:].mean(1)
+        table[method] = {
+            "steps_to_target_mean_curve": needed, "ratio_mean_curve": _ratio(needed, base_steps),
+            "steps_to_target_per_seed": per_seed, "ratio_per_seed": ratios,
+            "ratio_per_seed_mean": float(np.mean(finite)) if len(finite) == len(ratios) else None,
+            "ratio_per_seed_min": min(finite) if finite else None,
+            "ratio_per_seed_max": max(finite) if len(finite) == len(ratios) else None,
+            "seeds_reaching_target": len(finite),
+            "fd_last_evals_per_seed": last_fd.tolist(), "fd_last_evals_mean": float(last_fd.mean()),
+            "fd_last_evals_std": float(last_fd.std()),
+            "paired_fd_change_vs_baseline_per_seed": change.tolist(),
+            "paired_fd_change_vs_baseline_mean": float(change.mean()),
+            "final_fd_mean": float(fd[method][:, -1].mean()), "final_fd_std": float(fd[method][:, -1].std()),
+            "terminated_at": [runs[method][s].get("terminated_at") for s in seeds],
+            "throughput_img_per_s_in_run": float(np.mean([runs[method][s]["throughput_img_per_s"] for s in seeds])),
+        }
+        if "accuracy_mean" in curves[method]:
+            table[method]["final_accuracy_mean"] = curves[method]["accuracy_mean"][-1]
+    return {"target_fd": target, "target_fd_per_seed": seed_targets, "baseline_steps_to_target": base_steps,
+            "baseline_steps_to_target_per_seed": seed_base, "table": table, "curves": curves}
 
 
-def targets_met(table: dict) -> dict:
-    """Targets on the per-seed mean ratio; a seed that never gets there counts as an infinite ratio."""
-    def ratio(method: str) -> float:
-        r = table[method]["ratio_mean"]
+def targets_met(testbed: str, table: dict) -> dict:
+    """Each target on the mean curve and on every seed (a seed that never gets there fails)."""
+    def worst(method: str) -> float:
+        r = table[method]["ratio_per_seed"]
+        return math.inf if any(x is None for x in r) else max(r)
+
+    def mean_curve(method: str) -> float:
+        r = table[method]["ratio_mean_curve"]
         return math.inf if r is None else r
 
-    def on_mean_curve(method: str) -> float:
-        r = table[method]["ratio_on_mean_curve"]
-        return math.inf if r is None else r
-
-    return {"min_snr<=0.7x": ratio("min_snr") <= TARGETS["min_snr"], "repa<=0.5x": ratio("repa") <= TARGETS["repa"],
-            "haste<=repa": (ratio("haste"), on_mean_curve("haste")) <= (ratio("repa"), on_mean_curve("repa"))}
+    out = {}
+    for method, limit in TARGETS[testbed].items():
+        if method in table:
+            out[f"{method}<={limit}x (mean curve)"] = mean_curve(method) <= limit
+            out[f"{method}<={limit}x (every seed)"] = worst(method) <= limit
+    if "haste" in table and "repa" in table:
+        out["haste<=repa (mean curve)"] = mean_curve("haste") <= mean_curve("repa")
+        per = zip(table["haste"]["ratio_per_seed"], table["repa"]["ratio_per_seed"])
+        out["haste<=repa (every seed)"] = all(h is not None and (r is None or h <= r) for h, r in per)
+    return out
 
 
 def speed_overrides(overrides: list[str], steps: int) -> list[str]:
-    kept = [o for o in overrides if not o.startswith(("eval.every", "align.stop_step"))]
-    i = kept.index("--max_steps")
-    kept[i + 1] = str(steps)
-    return [*kept, "eval.every=0", f"align.stop_step={steps + 1}"]  # alignment on for the whole run
+    kept = [o for o in overrides if not o.startswith("eval.every")]
+    kept[kept.index("--max_steps") + 1] = str(steps)
+    return [*kept, "eval.every=0", "align.grad_angle_deg=null", "align.stop_step=null"]  # alignment on throughout
 
 
 def measure_speed(overrides: list[str], steps: int, work_dir: Path, repeats: int) -> None:
     """Short runs in fresh processes, methods interleaved (their summaries are read by :func:`speed_table`)."""
     for r in range(repeats):
         for method in SPEED_METHODS:
-            run_worker(method, 0, work_dir / f"speed_{method}_{r}", speed_overrides(overrides, steps))
+            run_worker("conditional", method, 0, work_dir / f"speed_{method}_{r}", speed_overrides(overrides, steps))
 
 
 def speed_table(work_dir: Path) -> dict:
@@ -201,6 +219,8 @@ def speed_table(work_dir: Path) -> dict:
     results = {m: [json.loads(p.read_text()) for p in sorted(work_dir.glob(f"speed_{m}_[0-9]*/summary.json"))]
                for m in SPEED_METHODS}
     results = {m: r for m, r in results.items() if r}
+    if "baseline" not in results:
+        return {}
     base_tp = np.median([r["throughput_img_per_s"] for r in results["baseline"]])
     base_mem = np.median([r["peak_memory_mb"] for r in results["baseline"]])
     speed = {}
@@ -212,27 +232,28 @@ def speed_table(work_dir: Path) -> dict:
     return speed
 
 
-def plot(analysis: dict, path: Path, title: str) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, curve in analysis["curves"].items():
-        steps = np.array(curve["steps"])
-        for ax, key in ((ax_fd, "fd"), (ax_acc, "accuracy")):
-            mean, std = np.array(curve[f"{key}_mean"]), np.array(curve[f"{key}_std"])
-            ax.plot(steps, mean, marker="o", ms=3, label=method)
+    beds = list(result["testbeds"])
+    fig, axes = plt.subplots(1, len(beds), figsize=(5.5 * len(beds), 4.2), squeeze=False)
+    for ax, bed in zip(axes[0], beds):
+        section = result["testbeds"][bed]
+        for method, curve in section["curves"].items():
+            steps, mean, std = np.array(curve["steps"]), np.array(curve["fd_mean"]), np.array(curve["fd_std"])
+            ratio = section["table"][method]["ratio_mean_curve"]
+            label = f"{method} ({'n/a' if ratio is None else f'{ratio:.2f}x'})"
+            ax.plot(steps, mean, marker="o", ms=3, label=label)
             ax.fill_between(steps, np.maximum(mean - std, 1e-3), mean + std, alpha=0.15)
-    ax_fd.axhline(analysis["curves"]["baseline"]["fd_mean"][-1], color="grey", ls=":", lw=1, label="baseline final")
-    ax_fd.set_yscale("log")
-    ax_fd.set_ylabel("FD-digits of EMA samples (lower is better)")
-    ax_acc.set_ylabel("class accuracy of samples (digits classifier)")
-    for ax in (ax_fd, ax_acc):
+        ax.axhline(section["target_fd"], color="grey", ls=":", lw=1, label="target (baseline, last evals)")
+        ax.set_yscale("log")
+        ax.set_title(f"{bed}: FD-digits, mean +- std over {len(result['setup']['seeds'])} seeds", fontsize=9)
         ax.set_xlabel("training step")
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+        ax.set_ylabel("FD-digits of EMA samples (lower is better)")
+        ax.legend(fontsize=7, title="steps to target vs baseline", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -247,41 +268,46 @@ def environment() -> dict:
             "accelerate": accelerate.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def methods_of(args: argparse.Namespace, testbed: str) -> list[str]:
+    return [m for m in args.methods if f"{testbed}:{m}" not in args.skip]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--inference-steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--model-config", default='{"num_layers": 4, "attention_head_dim": 16, '
-                                             '"cross_attention_dim": 64, "patch_size": 4}',
-                   help="JSON overrides of DIGITS_TRANSFORMER_CONFIG (same PixArt family, smaller)")
-    p.add_argument("--repa-block", type=int, default=1)
-    p.add_argument("--attn-pairs", default="[[0, 2], [1, 3]]")
-    p.add_argument("--projector-dim", type=int, default=256)
-    p.add_argument("--haste-stop", type=float, default=0.5, help="HASTE termination as a fraction of --steps")
-    p.add_argument("--speed-steps", type=int, default=80)
-    p.add_argument("--speed-repeats", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=80)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--inference-steps", type=int, default=10)
+    p.add_argument("--last-evals", type=int, default=2, help="evaluations averaged into the target and final FD")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--speed-steps", type=int, default=60)
+    p.add_argument("--speed-repeats", type=int, default=0, help="0: no side-by-side speed runs (in-run throughput only)")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/training_speed"))
+    p.add_argument("--skip", nargs="*", default=["unconditional:min_snr"], metavar="TESTBED:METHOD",
+                   help="runs left out (default: Min-SNR unconditional; its target is on the conditional testbed)")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/training_speed_v2"))
     p.add_argument("--out", type=Path, default=RESULTS / "training_speed")
     p.add_argument("--reanalyse", action="store_true", help="only re-analyse the runs stored in --work-dir")
     args = p.parse_args(argv)
+    if "baseline" not in args.methods:
+        raise SystemExit("--methods must include baseline (every ratio is against it)")
 
     overrides = shared_overrides(args)
     t0 = time.perf_counter()
     if not args.reanalyse:
-        jobs = [(m, s) for s in args.seeds for m in args.methods]
+        jobs = [(b, m, s) for b in args.testbeds for s in args.seeds for m in methods_of(args, b)]
         print(f"{len(jobs)} runs of {args.steps} steps ({args.jobs} in parallel)", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_worker, m, s, args.work_dir / f"{m}_seed{s}", overrides) for m, s in jobs]:
+            futures = [pool.submit(run_worker, b, m, s, args.work_dir / b / f"{m}_seed{s}", overrides)
+                       for b, m, s in jobs]
+            for future in futures:
                 future.result()
-        print("measuring throughput and memory side by side", flush=True)
-        measure_speed(overrides, args.speed_steps, args.work_dir, args.speed_repeats)
+        if args.speed_repeats:
+            print("measuring throughput and memory side by side", flush=True)
+            measure_speed(overrides, args.speed_steps, args.work_dir, args.speed_repeats)
     minutes = (time.perf_counter() - t0) / 60
     previous = args.out.with_suffix(".json")
     if args.reanalyse and previous.is_file():  # keep the wall time of the run that produced the data
@@ -289,53 +315,82 @@ def main(argv: list[str] | None = None) -> None:
     report(args, overrides, minutes)
 
 
-def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> None:
+def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> dict:
     """Analyse the runs stored under ``--work-dir`` and write the JSON and PNG."""
-    runs = {m: {s: json.loads((args.work_dir / f"{m}_seed{s}" / "summary.json").read_text()) for s in args.seeds}
-            for m in args.methods}
-    analysis = analyse(runs, args.seeds)
-    speed = speed_table(args.work_dir)
+    from fastdiff.training.config import load_config
+
+    testbeds, runs_out = {}, {}
+    for bed in args.testbeds:
+        runs = {m: {s: json.loads((args.work_dir / bed / f"{m}_seed{s}" / "summary.json").read_text())
+                    for s in args.seeds} for m in methods_of(args, bed)}
+        section = analyse_testbed(runs, args.seeds, args.last_evals)
+        section["targets"] = {k: v for k, v in TARGETS[bed].items() if k in runs}
+        section["targets_met"] = targets_met(bed, section["table"])
+        cfg = load_config(TESTBEDS[bed], overrides)
+        section["config"] = str(TESTBEDS[bed].relative_to(ROOT))
+        section["conditioning"] = cfg.model.conditioning
+        testbeds[bed] = section
+        runs_out[bed] = {m: {str(s): {"evals": r["evals"], "throughput_img_per_s": r["throughput_img_per_s"],
+                                      "terminated_at": r["terminated_at"], "teacher_calls": r["teacher_calls"],
+                                      "teacher_images": r.get("teacher_images"), "wall_seconds": r.get("wall_seconds")}
+                             for s, r in per.items()} for m, per in runs.items()}
+    cfg = load_config(TESTBEDS[args.testbeds[0]], overrides)
+    from fastdiff.training.teachers import SHIPPED_TEACHERS
+
+    teacher = json.loads((SHIPPED_TEACHERS[cfg.align.teacher] / "config.json").read_text())
+    headline = args.testbeds[0]
     result = {
         "benchmark": "training_speed", "environment": environment(),
-        "setup": {"steps": args.steps, "seeds": args.seeds, "batch_size": args.batch_size, "lr": args.lr,
-                  "model": "PixArtTransformer2DModel (embedded digits architecture) with overrides "
-                           + args.model_config, "data": "digits train split (1438 images, 16x16)",
-                  "eval": f"FD-digits of {args.num_samples} EMA samples (classes balanced, DDIM "
-                          f"{args.inference_steps} steps, no CFG, the same noise for every run) vs the train "
-                          f"split, every {args.eval_every} steps",
-                  "steps_to_target": "per seed: the step after which FD stays at or below the same-seed "
-                                     "baseline's final FD (last downward crossing, linear interpolation between "
-                                     "evaluations); ratio = that / the baseline's own such step",
-                  "teacher": "DigitsViT (fastdiff/training/teachers/digits_vit), tokens pooled 8x8 -> student grid; "
-                             "outputs memoised per training image (align.cache_teacher, no augmentation), so the "
-                             "teacher runs during the first epoch only",
-                  "speed": f"{args.speed_steps}-step runs in fresh processes without evaluation, methods "
-                           f"interleaved, median of {args.speed_repeats}; alignment on for the whole run; with the "
-                           "cache the teacher runs in the first ~23 steps (one epoch) only; peak RSS is the "
-                           "whole process (imports included)",
-                  "repa_block": args.repa_block, "attn_pairs": args.attn_pairs, "projector_dim": args.projector_dim,
-                  "haste_stop_step": int(args.haste_stop * args.steps),
-                  "attention_backend": "materialized (no fused kernel registered)",
+        "layout": "testbeds.<testbed>.curves.<method> = {steps, fd_mean, fd_std, fd_per_seed{seed: [fd]}, "
+                  "accuracy_mean?}; testbeds.<testbed>.table.<method> = ratios and FDs; testbeds.<testbed>."
+                  "targets_met; runs.<testbed>.<method>.<seed>.evals = raw evaluations; top-level curves/table = "
+                  f"the {headline!r} testbed's (headline); speed = throughput and peak RSS side by side",
+        "setup": {"steps": args.steps, "seeds": args.seeds, "methods": {b: methods_of(args, b) for b in args.testbeds},
+                  "skipped": args.skip,
+                  "model": f"PixArtTransformer2DModel {cfg.model.config} (preset digits), batch "
+                           f"{cfg.train.batch_size}, lr {cfg.train.lr}, warmup {cfg.train.warmup_steps}, EMA "
+                           f"{cfg.train.ema_decay}", "data": "digits train split (1438 images, 16x16)",
+                  "eval": f"FD-digits of {args.num_samples} EMA samples (DDIM {args.inference_steps} steps, no CFG; "
+                          "conditional: classes balanced) vs the train split, the same noise for every run, every "
+                          f"{args.eval_every} steps",
+                  "scoring": f"target = baseline FD averaged over the last {args.last_evals} evaluations; steps to "
+                             "target = the step after which a curve stays at or below it (last downward crossing, "
+                             "linear interpolation between evaluations); ratio = that / the baseline's own steps to "
+                             "the same target; on the mean curve over seeds (target from the mean baseline curve) "
+                             "and per seed against the same-seed baseline (paired)",
+                  "teacher": {"name": cfg.align.teacher, "objective": teacher["recipe"]["objective"],
+                              "architecture": teacher["architecture"], "probe": teacher.get("probe")},
+                  "alignment": {"repa_block": "auto (about 1/3 depth)" if cfg.align.repa_block is None
+                                else cfg.align.repa_block,
+                                "attn_pairs": "auto" if cfg.align.attn_pairs is None else cfg.align.attn_pairs,
+                                "repa_weight": cfg.align.repa_weight, "attn_weight": cfg.align.attn_weight,
+                                "projector_dim": cfg.align.projector_dim, "stop_step": cfg.align.stop_step,
+                                "grad_angle_deg": cfg.align.grad_angle_deg, "token_matching": cfg.align.token_matching,
+                                "cache_teacher": cfg.align.cache_teacher},
+                  "speed": f"{args.speed_steps}-step conditional runs in fresh processes without evaluation, "
+                           f"methods interleaved, median of {args.speed_repeats}; alignment on for the whole run; "
+                           "peak RSS is the whole process (imports included)",
                   "overrides": overrides},
-        "table": analysis["table"], "targets_met": targets_met(analysis["table"]), "speed": speed,
-        "curves": analysis["curves"],
-        "runs": {m: {s: {"evals": r["evals"], "throughput_img_per_s": r["throughput_img_per_s"],
-                         "terminated_at": r["terminated_at"], "teacher_calls": r["teacher_calls"],
-                         "teacher_images": r.get("teacher_images")}
-                     for s, r in per.items()} for m, per in runs.items()},
-        "total_minutes": minutes,
+        "testbeds": testbeds, "curves": testbeds[headline]["curves"], "table": testbeds[headline]["table"],
+        "targets_met": {bed: s["targets_met"] for bed, s in testbeds.items()},
+        "speed": speed_table(args.work_dir), "runs": runs_out, "total_minutes": minutes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(analysis, args.out.with_suffix(".png"),
-         f"digits, {len(args.seeds)} seeds, batch {args.batch_size}, {args.steps} steps: mean +- std over seeds")
-    print(json.dumps({"table": result["table"], "targets_met": result["targets_met"], "speed": speed}, indent=1))
+    plot(result, args.out.with_suffix(".png"))
+    for bed, section in testbeds.items():
+        print(f"{bed}: target FD {section['target_fd']:.2f} at step {section['baseline_steps_to_target']}")
+        for method, row in section["table"].items():
+            print(f"  {method:9s} ratio {row['ratio_mean_curve']} per seed {row['ratio_per_seed']} "
+                  f"FD(last) {row['fd_last_evals_mean']:.2f} change {row['paired_fd_change_vs_baseline_mean']:+.1%}")
+        print(f"  targets: {section['targets_met']}")
     print(f"wrote {args.out.with_suffix('.json')} and .png ({minutes:.1f} min)")
+    return result
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, method, seed, out, _, *rest = sys.argv
-        worker(method, int(seed), Path(out), rest)
+        _, _, testbed, method, seed, out, _, *rest = sys.argv
+        worker(testbed, method, int(seed), Path(out), rest)
     else:
         main()

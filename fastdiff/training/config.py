@@ -23,6 +23,12 @@ from typing import Any
 import yaml
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration values, found by :func:`validate` before anything is built; the message has one
+    line per problem, each naming the key and what it allows."""
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 MODEL_INITS = ("default", "pixart")
 
@@ -80,6 +86,8 @@ class OptimConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     weighting: str = "none"  # none | min_snr | soft_min_snr
     min_snr_gamma: float = 5.0
+    # lower bound on Min-SNR's clipped SNR; null (auto): 1 at zero terminal SNR, else 0 (weighting.min_snr_floor)
+    min_snr_floor: float | None = None
     timestep_sampling: str = "uniform"  # uniform | logit_normal | mode
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -88,16 +96,25 @@ class OptimConfig:
 
 @dataclass
 class AlignConfig:
-    """REPA (``repa: true``) and HASTE (``haste: true``: REPA + attention distillation + termination)."""
+    """REPA (``repa: true``) and HASTE (``haste: true``: REPA + attention distillation + termination).
+
+    Defaults follow the papers (see :func:`fastdiff.training.modeling.default_repa_block` and
+    :func:`~fastdiff.training.modeling.default_attention_pairs`): REPA aligns the output of the block at about
+    1/3 of the depth (REPA, Yu et al. 2025: ``--encoder-depth`` 4 of 12 blocks for SiT-B, 8 of 24 for SiT-L),
+    with weight 0.5; HASTE distils attention of up to 4 student blocks ending at the REPA block from the
+    teacher's last blocks (HASTE, Wang et al. 2025: SiT-XL blocks 4..7 <- DINOv2-B blocks 8..11).
+    """
 
     repa: bool = False
     haste: bool = False
-    teacher: str = "digits_vit"  # digits_vit | a DigitsViT directory | dinov2:<hub id or path>
+    # digits_mae (self-supervised, shipped) | digits_vit (the shipped classifier) | a DigitsViT directory |
+    # dinov2:<hub id or path>
+    teacher: str = "digits_mae"
     token_matching: str = "resize"  # resize | interpolate
-    repa_block: int = 1  # 0-based student block whose output is aligned
+    repa_block: int | None = None  # 0-based student block whose output is aligned; null: about 1/3 depth
     repa_weight: float = 0.5
     projector_dim: int = 512
-    attn_pairs: list = field(default_factory=lambda: [[1, 2], [2, 3]])  # [student block, teacher block]
+    attn_pairs: list | None = None  # [[student block, teacher block], ...]; null: ending at the REPA block
     attn_weight: float = 0.5
     stop_step: int | None = None  # HASTE's fixed-iteration termination (plain REPA never stops)
     grad_angle_deg: float | None = None  # optional gradient-angle termination (HASTE)
@@ -167,35 +184,161 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _choice(value: Any, name: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
 def validate(cfg: Config) -> Config:
-    """Check names and ranges up front, so a typo fails before any model is built."""
-    from fastdiff.training.repa import TOKEN_MATCHING
-    from fastdiff.training.weighting import TIMESTEP_SAMPLERS, check_weighting
+    """Check every value up front, before any model or teacher is built.
 
-    check_weighting(cfg.train.weighting)
-    _choice(cfg.train.timestep_sampling, "train.timestep_sampling", TIMESTEP_SAMPLERS)
-    if cfg.train.mixed_precision is not None:
-        _choice(cfg.train.mixed_precision, "train.mixed_precision", MIXED_PRECISIONS)
-    _choice(cfg.train.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
-    _choice(cfg.model.init, "model.init", MODEL_INITS)
-    if not 0 <= cfg.train.min_lr_ratio <= 1:
-        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
-    _choice(cfg.align.token_matching, "align.token_matching", TOKEN_MATCHING)
-    for name in ("max_steps", "batch_size"):
-        if getattr(cfg.train, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
-    if cfg.train.lr <= 0 or cfg.train.min_snr_gamma <= 0:
-        raise ValueError("train.lr and train.min_snr_gamma must be > 0")
-    if not 0 <= cfg.data.class_dropout < 1:
-        raise ValueError(f"data.class_dropout must be in [0, 1), got {cfg.data.class_dropout}")
-    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in cfg.align.attn_pairs):
-        raise ValueError(f"align.attn_pairs must be a list of [student_block, teacher_block], got {cfg.align.attn_pairs}")
+    Raises :class:`ConfigError` listing *all* problems, one line each (``key must be ...; got ...``).
+    ``align.repa_block: auto`` is read as ``null`` (about 1/3 depth).
+    """
+    errors = list(_type_errors(cfg))
+    errors += [e for e in _value_errors(cfg) if e.split(" ", 1)[0] not in {t.split(" ", 1)[0] for t in errors}]
+    if errors:
+        raise ConfigError("\n".join(errors))
     return cfg
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_errors(cfg: Config, node: Any = None, default: Any = None, prefix: str = ""):
+    """Values whose type differs from the field's default (``train.max_steps: 1.5``, ``log.every: "10"``)."""
+    node, default = (cfg, Config()) if node is None else (node, default)
+    for f in dataclasses.fields(node):
+        value, ref, key = getattr(node, f.name), getattr(default, f.name), prefix + f.name
+        if dataclasses.is_dataclass(ref):
+            yield from _type_errors(cfg, value, ref, key + ".")
+        elif isinstance(ref, bool):
+            if not isinstance(value, bool):
+                yield f"{key} must be true or false; got {value!r}"
+        elif isinstance(ref, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                yield f"{key} must be an integer; got {value!r}"
+        elif isinstance(ref, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                yield f"{key} must be a number; got {value!r}"
+        elif isinstance(ref, (list, dict)) and not isinstance(value, type(ref)):
+            yield f"{key} must be a {'list' if isinstance(ref, list) else 'mapping'}; got {value!r}"
+        elif isinstance(ref, str) and f.type in ("str", str) and not isinstance(value, str):
+            yield f"{key} must be a string; got {value!r}"
+
+
+def _value_errors(cfg: Config) -> list[str]:
+    from fastdiff.data import SPLITS
+    from fastdiff.training.datasets import DATASETS
+    from fastdiff.training.weighting import TIMESTEP_SAMPLERS, WEIGHTINGS
+
+    errors: list[str] = []
+
+    def choice(key: str, value: Any, allowed: Sequence) -> None:
+        if value not in allowed:
+            errors.append(f"{key} must be one of {tuple(allowed)}; got {value!r}")
+
+    def at_least(key: str, value: Any, low: float, note: str = "") -> None:
+        if _number(value) and value < low:  # (a wrong type is a type error, reported already)
+            errors.append(f"{key} must be >= {low:g}{note}; got {value!r}")
+
+    def within(key: str, value: Any, ok: bool, allowed: str) -> None:
+        if _number(value) and not ok:
+            errors.append(f"{key} must be {allowed}; got {value!r}")
+
+    t, m, a, d = cfg.train, cfg.model, cfg.align, cfg.data
+    choice("train.weighting", t.weighting, WEIGHTINGS)
+    choice("train.timestep_sampling", t.timestep_sampling, TIMESTEP_SAMPLERS)
+    if t.mixed_precision is not None:
+        choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    choice("model.init", m.init, MODEL_INITS)
+    from fastdiff.training.modeling import CONDITIONINGS
+
+    choice("model.conditioning", m.conditioning, CONDITIONINGS)
+    within("train.min_lr_ratio", t.min_lr_ratio, _number(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "in [0, 1]")
+    for key in ("max_steps", "batch_size"):
+        at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("warmup_steps",):
+        at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("lr", "min_snr_gamma"):
+        value = getattr(t, key)
+        within(f"train.{key}", value, _number(value) and value > 0, "> 0")
+    if t.min_snr_floor is not None and (isinstance(t.min_snr_floor, bool) or not isinstance(t.min_snr_floor, (int, float))
+                                        or t.min_snr_floor < 0):
+        errors.append(f"train.min_snr_floor must be null (auto: 1 at zero terminal SNR, else 0) or a number >= 0; "
+                      f"got {t.min_snr_floor!r}")
+    within("train.ema_decay", t.ema_decay, _number(t.ema_decay) and 0 <= t.ema_decay < 1, "in [0, 1) (0 disables EMA)")
+    at_least("train.grad_clip", t.grad_clip, 0, " (0 disables clipping)")
+    if not (isinstance(t.betas, list) and len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                    for b in t.betas)):
+        errors.append(f"train.betas must be a list of two numbers in [0, 1); got {t.betas!r}")
+
+    choice("data.dataset", d.dataset, DATASETS)
+    if d.dataset == "digits":
+        choice("data.split", d.split, SPLITS)
+        if _number(d.channels) and d.channels != 1:
+            errors.append(f"data.channels must be 1 for the digits dataset; got {d.channels!r}")
+    if d.dataset == "image_folder" and (d.path is None or not Path(d.path).is_dir()):
+        errors.append(f"data.path must be an existing directory of images for data.dataset 'image_folder'; got {d.path!r}")
+    within("data.class_dropout", d.class_dropout, _number(d.class_dropout) and 0 <= d.class_dropout < 1, "in [0, 1)")
+    at_least("data.resolution", d.resolution, 1)
+    at_least("data.num_workers", d.num_workers, 0)
+
+    at_least("checkpoint.every", cfg.checkpoint.every, 0, " (0: only at the end)")
+    at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
+    at_least("log.every", cfg.log.every, 1)
+    at_least("eval.every", cfg.eval.every, 0, " (0 disables)")
+    at_least("eval.num_samples", cfg.eval.num_samples, 1)
+    at_least("eval.inference_steps", cfg.eval.inference_steps, 1)
+    if a.repa or a.haste:
+        errors += _align_errors(cfg)
+    return errors
+
+
+def _align_errors(cfg: Config) -> list[str]:
+    from fastdiff.training.haste import available_attention_backends
+    from fastdiff.training.modeling import model_depth, teacher_depth
+    from fastdiff.training.repa import TOKEN_MATCHING
+
+    a, errors = cfg.align, []
+    if a.token_matching not in TOKEN_MATCHING:
+        errors.append(f"align.token_matching must be one of {TOKEN_MATCHING}; got {a.token_matching!r}")
+    if a.backend not in available_attention_backends():
+        errors.append(f"align.backend must be one of {available_attention_backends()}; got {a.backend!r}")
+    if a.repa_block == "auto":
+        a.repa_block = None
+    depth = model_depth(cfg)
+    blocks = f"an int in 0..{depth - 1} ({depth} blocks)" if depth else "an int >= 0"
+    if a.repa_block is not None and (isinstance(a.repa_block, bool) or not isinstance(a.repa_block, int)
+                                     or a.repa_block < 0 or (depth and a.repa_block >= depth)):
+        errors.append(f"align.repa_block must be null/auto (about 1/3 depth) or {blocks}; got {a.repa_block!r}")
+    try:
+        t_depth = teacher_depth(a.teacher)
+    except ValueError as err:
+        errors.append(str(err))
+        t_depth = None
+    if a.haste and a.attn_pairs is not None:
+        ok = isinstance(a.attn_pairs, list) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                 and i >= 0 for i in p) for p in a.attn_pairs)
+        if not ok or not a.attn_pairs:
+            errors.append("align.attn_pairs must be null (auto) or a non-empty list of [student_block, teacher_block] "
+                          f"ints >= 0; got {a.attn_pairs!r}")
+        else:
+            if depth and any(s >= depth for s, _ in a.attn_pairs):
+                errors.append(f"align.attn_pairs student blocks must be in 0..{depth - 1}; got {a.attn_pairs!r}")
+            if t_depth and any(t >= t_depth for _, t in a.attn_pairs):
+                errors.append(f"align.attn_pairs teacher blocks must be in 0..{t_depth - 1} (the teacher has "
+                              f"{t_depth} blocks); got {a.attn_pairs!r}")
+    if a.stop_step is not None and (isinstance(a.stop_step, bool) or not isinstance(a.stop_step, int)
+                                    or a.stop_step < 0):
+        errors.append(f"align.stop_step must be null (never) or an int >= 0; got {a.stop_step!r}")
+    if a.grad_angle_deg is not None and (isinstance(a.grad_angle_deg, bool)
+                                         or not isinstance(a.grad_angle_deg, (int, float))
+                                         or not 0 < a.grad_angle_deg < 180):
+        errors.append(f"align.grad_angle_deg must be null (off) or a number in (0, 180); got {a.grad_angle_deg!r}")
+    for key in ("grad_angle_every", "projector_dim"):
+        value = getattr(a, key)
+        if _number(value) and value < 1:
+            errors.append(f"align.{key} must be >= 1; got {value!r}")
+    return errors
 
 
 def _coerce(value: Any, default: Any, key: str, annotation: Any = None) -> Any:

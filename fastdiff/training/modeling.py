@@ -6,13 +6,19 @@ Any diffusers UNet or transformer can be trained; how class labels reach it depe
   ``encoder_hidden_states`` to cross-attention (PixArt, the embedded digits model, ``UNet2DConditionModel``).
 * ``class_labels``: the model's own class embedding (``DiTTransformer2DModel``, ``UNet2DModel`` with
   ``num_class_embeds``); DiT also applies its own label dropout.
-* ``none``: unconditional (``UNet2DModel``).
+* ``none``: unconditional. Models without cross-attention (``UNet2DModel``) get no condition at all;
+  cross-attention models (PixArt, ``UNet2DConditionModel``), which cannot run without
+  ``encoder_hidden_states``, get one constant all-zero token (:func:`build_null_context`: a frozen
+  one-class ``ClassEmbedder`` with zero weights, so the sampling pipeline is the class-token one, label 0).
 
 Everything trainable lives in one :class:`TrainModule`, so DDP / FSDP (through accelerate) wrap a single
 module and the alignment losses are computed inside its ``forward``.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +42,13 @@ def build_model(cfg: Config) -> nn.Module:
         from fastdiff.flows.tarflow import build_tarflow
 
         return build_tarflow(m.config, cfg.seed)
+    if m.preset == "digits_pcm":  # a Picard Consistency Model of a frozen base (fastdiff.samplers.pcm)
+        from fastdiff.samplers.pcm import PCMTrainer
+
+        return PCMTrainer(m.config)
     if m.preset is not None:
         if m.preset != "digits":
-            raise ValueError(f"model.preset must be 'digits', 'digits_tarflow' or null, got {m.preset!r}")
+            raise ValueError(f"model.preset must be 'digits', 'digits_tarflow', 'digits_pcm' or null, got {m.preset!r}")
         from fastdiff.models.digits import DIGITS_TRANSFORMER_CONFIG
 
         class_name, config = "PixArtTransformer2DModel", {**DIGITS_TRANSFORMER_CONFIG, **m.config}
@@ -85,6 +95,22 @@ def build_class_embedder(model: nn.Module, num_classes: int, seed: int) -> nn.Mo
                              embed_dim=int(width))
 
 
+def build_null_context(model: nn.Module) -> nn.Module:
+    """The unconditional context of a cross-attention model: a frozen ``ClassEmbedder`` with one class
+    (label 0, what every sample gets) mapping to one all-zero token of the caption width."""
+    from fastdiff.models.digits import ClassEmbedder
+
+    width = getattr(model.config, "caption_channels", None) or model.config.cross_attention_dim
+    embedder = ClassEmbedder(num_classes=1, num_tokens=1, embed_dim=int(width))
+    nn.init.zeros_(embedder.embedding.weight)
+    return embedder.requires_grad_(False)
+
+
+def needs_context(model: nn.Module) -> bool:
+    """Whether ``model`` cannot run without ``encoder_hidden_states`` (cross-attention denoisers)."""
+    return type(model).__name__ in _CROSS_ATTENTION_MODELS
+
+
 def build_scheduler(cfg: Config):
     """The diffusers noise scheduler of the training process."""
     import diffusers
@@ -119,15 +145,71 @@ def hidden_width(model: nn.Module) -> int:
                      "attention_head_dim in its config)")
 
 
+def shipped_teachers() -> dict[str, Path]:
+    """The teachers shipped with fastdiff, by ``align.teacher`` name."""
+    from fastdiff.training.teachers import SHIPPED_TEACHERS
+
+    return dict(SHIPPED_TEACHERS)
+
+
+def _teacher_dir(name: str) -> Path:
+    path = shipped_teachers().get(name, Path(name))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"align.teacher must be one of {tuple(shipped_teachers())}, 'dinov2:<hub id or path>' or a "
+                         f"DigitsViT directory (config.json + model.safetensors); got {name!r}")
+    return path
+
+
 def load_teacher(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """``digits_vit`` (shipped), a directory with a ``DigitsViT``, or ``dinov2:<hub id or path>``."""
+    """A shipped teacher (``digits_mae``, ``digits_vit``), a directory with a ``DigitsViT``, or
+    ``dinov2:<hub id or path>``."""
     from fastdiff.training.teachers import load_digits_teacher, load_dinov2_teacher
 
-    if name == "digits_vit":
-        return load_digits_teacher(device=device)
     if name.startswith("dinov2:"):
         return load_dinov2_teacher(name.split(":", 1)[1], output_attentions=True, device=device)
-    return load_digits_teacher(name, device=device)
+    return load_digits_teacher(_teacher_dir(name), device=device)
+
+
+def teacher_depth(name: str) -> int | None:
+    """Number of blocks of the named teacher, read from its ``config.json`` (``None`` for DINOv2 names:
+    known only once loaded); a ``ValueError`` naming ``align.teacher`` if there is no such teacher."""
+    if name.startswith("dinov2:"):
+        return None
+    return int(json.loads((_teacher_dir(name) / "config.json").read_text())["architecture"]["depth"])
+
+
+def model_depth(cfg: Config) -> int | None:
+    """Number of transformer blocks the configured model will have, where the config says (else ``None``)."""
+    m = cfg.model
+    if m.preset == "digits":
+        from fastdiff.models.digits import DIGITS_TRANSFORMER_CONFIG
+
+        return int({**DIGITS_TRANSFORMER_CONFIG, **m.config}["num_layers"])
+    n = m.config.get("num_layers") if m.preset is None and m.pretrained is None else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def default_repa_block(depth: int) -> int:
+    """REPA's alignment depth, about 1/3 of the blocks: output of block ``max(1, depth // 3)`` (0-based index
+    ``max(1, depth // 3) - 1``). REPA (Yu et al. 2025, Sec. 4.2 / Table 2 and the repo's ``--encoder-depth``):
+    4 of 12 blocks for SiT-B/2, 8 of 24 for SiT-L/2 (and 8 of 28 for SiT-XL/2, where this rule gives 9)."""
+    return max(1, depth // 3) - 1
+
+
+def default_attention_pairs(repa_block: int, teacher_blocks: int) -> list[list[int]]:
+    """HASTE's attention pairs: the ``k = min(4, repa_block + 1, teacher_blocks)`` student blocks ending at the
+    REPA block, each paired with the teacher's last ``k`` blocks in order (HASTE, Wang et al. 2025, and its
+    ``train.py`` defaults: SiT-XL/2 blocks 4..7, REPA at block 8 (index 7), from DINOv2-B blocks 8..11 of 12)."""
+    k = max(1, min(4, repa_block + 1, teacher_blocks))
+    return [[repa_block - k + 1 + i, teacher_blocks - k + i] for i in range(k)]
+
+
+def _module_depth(teacher: nn.Module) -> int | None:
+    blocks = getattr(teacher, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return len(blocks)
+    config = getattr(getattr(teacher, "model", None), "config", None)
+    return getattr(config, "num_hidden_layers", None)
 
 
 def build_alignment(cfg: Config, model: nn.Module, device: torch.device | str = "cpu") -> TeacherAlignment | None:
@@ -139,12 +221,21 @@ def build_alignment(cfg: Config, model: nn.Module, device: torch.device | str = 
     teacher_dim = getattr(teacher, "embed_dim", None)
     if teacher_dim is None:
         raise ValueError("the teacher must expose its token width as `embed_dim`")
+    from fastdiff.training.repa import find_blocks
+
+    repa_block = default_repa_block(len(find_blocks(model))) if a.repa_block is None else a.repa_block
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
-        repa = REPA(hidden_width(model), int(teacher_dim), a.repa_block, a.projector_dim, a.repa_weight)
+        repa = REPA(hidden_width(model), int(teacher_dim), repa_block, a.projector_dim, a.repa_weight)
     pairs, termination = (), None
     if a.haste:  # plain REPA aligns for the whole run; stop_step / grad_angle_deg are HASTE's
-        pairs = [tuple(p) for p in a.attn_pairs]
+        if a.attn_pairs is None:
+            t_depth = _module_depth(teacher)
+            if t_depth is None:
+                raise ValueError("align.attn_pairs: cannot infer the teacher's depth; set the pairs explicitly")
+            pairs = [tuple(p) for p in default_attention_pairs(repa_block, t_depth)]
+        else:
+            pairs = [tuple(p) for p in a.attn_pairs]
         termination = StageWiseTermination(a.stop_step, a.grad_angle_deg, check_every=a.grad_angle_every)
     alignment = TeacherAlignment(teacher, repa, pairs, a.attn_weight, termination, a.backend, a.token_matching)
     alignment.check(model)
@@ -167,6 +258,8 @@ class TrainModule(nn.Module):
     def condition(self, labels: Tensor) -> dict:
         if self.conditioning == "class_tokens":
             return {"encoder_hidden_states": self.class_embedder(labels)}
+        if self.conditioning == "none" and self.class_embedder is not None:  # the null context
+            return {"encoder_hidden_states": self.class_embedder(torch.zeros_like(labels))}
         if self.conditioning == "class_labels":
             return {"class_labels": labels}
         return {}
@@ -203,5 +296,7 @@ def num_parameters(module: nn.Module) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
 
 
-__all__ = ["TrainModule", "build_alignment", "build_class_embedder", "build_model", "build_scheduler",
-           "hidden_width", "is_flow", "load_teacher", "null_label", "patch_tokens", "resolve_conditioning"]
+__all__ = ["TrainModule", "build_alignment", "build_class_embedder", "build_model", "build_null_context",
+           "build_scheduler", "default_attention_pairs", "default_repa_block", "hidden_width", "is_flow",
+           "load_teacher", "model_depth", "needs_context", "null_label", "patch_tokens", "resolve_conditioning",
+           "shipped_teachers", "teacher_depth"]

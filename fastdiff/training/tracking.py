@@ -30,6 +30,18 @@ class JSONLTracker(GeneralTracker):
     def store_init_configuration(self, values: dict) -> None:
         (self.dir / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resumed run replays them); returns how many."""
+        if not self.path.is_file():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if (json.loads(line).get("step") or 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        return len(lines) - len(kept)
+
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         record = {"step": step, "time": time.time()}
         for key, value in values.items():

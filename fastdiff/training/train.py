@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.schedule import NoiseSchedule, add_noise, prediction_target
 from fastdiff.training.checkpoint import TrainingState, latest_checkpoint, resume_point, save_checkpoint
-from fastdiff.training.config import Config, flatten, load_config, validate
+from fastdiff.training.config import Config, ConfigError, flatten, load_config, validate
 from fastdiff.training.datasets import StepBatchSampler, batch_indices, build_dataset
 from fastdiff.training.haste import TeacherCache, gradient_cosine
 from fastdiff.training.modeling import (
@@ -47,15 +47,22 @@ from fastdiff.training.modeling import (
     build_alignment,
     build_class_embedder,
     build_model,
+    build_null_context,
     build_scheduler,
     is_flow,
+    needs_context,
     null_label,
     num_parameters,
     patch_tokens,
     resolve_conditioning,
 )
 from fastdiff.training.tracking import JSONLTracker
-from fastdiff.training.weighting import diffusion_loss, sample_timesteps, scheduler_prediction_type
+from fastdiff.training.weighting import (
+    diffusion_loss,
+    min_snr_floor,
+    sample_timesteps,
+    scheduler_prediction_type,
+)
 
 logger = logging.getLogger("fastdiff.training")
 StepCallback = Callable[[int, dict], None]
@@ -63,6 +70,25 @@ StepCallback = Callable[[int, dict], None]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; raised before the optimizer step that would use it."""
+
+
+class LaunchError(ValueError):
+    """The launcher did not start the processes it was asked for (see :func:`check_launch`)."""
+
+
+def check_launch(environ=os.environ) -> None:
+    """Refuse a CPU ``accelerate launch --num_processes N`` (N > 1) that started one process only.
+
+    accelerate starts several CPU processes only through MPI (``--mpirun_hostfile``); without it
+    ``accelerate launch --cpu --num_processes 2`` runs the script once, with ``MASTER_ADDR`` set but no
+    ``WORLD_SIZE``, and training would silently run on one process.
+    """
+    launched_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    distributed = any(k in environ for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if launched_cpu and "MASTER_ADDR" in environ and not distributed:
+        raise LaunchError("accelerate launch --cpu --num_processes N (N > 1) started a single process: accelerate runs "
+                          "several CPU processes only through MPI (--mpirun_hostfile). Use `torchrun "
+                          "--nproc_per_node N -m fastdiff.training.train ...` (gloo DDP on CPU) or --num_processes 1")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -138,6 +164,7 @@ def step_randomness(cfg: Config, step: int, schedule: NoiseSchedule, sample_shap
 def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     """Run training as configured; returns a summary (losses per step, evaluations, throughput, memory)."""
     validate(cfg)
+    check_launch()
     out_dir = Path(cfg.output_dir)
     terminates = cfg.align.haste and (cfg.align.stop_step is not None or cfg.align.grad_angle_deg is not None)
 
@@ -168,12 +195,15 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     scheduler = build_scheduler(cfg)
     schedule = NoiseSchedule.from_config(scheduler)
     prediction_type = scheduler_prediction_type(scheduler)
+    snr_floor = min_snr_floor(cfg.train.min_snr_floor, schedule, cfg.train.weighting)
     model = build_model(cfg)
     conditioning = resolve_conditioning(model, cfg.model.conditioning)
     class_embedder = build_class_embedder(model, cfg.model.num_classes, cfg.seed) if conditioning == "class_tokens" else None
+    if conditioning == "none" and needs_context(model):  # PixArt & co. cannot run without a context
+        class_embedder = build_null_context(model)
     alignment = build_alignment(cfg, model, device)
     module = TrainModule(model, conditioning, class_embedder, alignment)
-    denoiser_params = [p for m in (model, class_embedder) if m is not None for p in m.parameters()]
+    denoiser_params = [p for m in (model, class_embedder) if m is not None for p in m.parameters() if p.requires_grad]
     flow = is_flow(model)  # a normalizing flow: maximum likelihood of noise-augmented images, no diffusion noise
     null = cfg.model.num_classes if flow else null_label(conditioning, cfg.model.num_classes)
     student_tokens = patch_tokens(model, cfg.data.resolution) if alignment is not None else 0
@@ -208,6 +238,10 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
         accelerator.print(f"resumed from {resume_dir} at step {state.step} {resume_note}".rstrip())
 
     accelerator.init_trackers(cfg.log.project, config=flatten(run_config))
+    if accelerator.is_main_process:  # the steps after the checkpoint are replayed: drop their old records
+        for tracker in accelerator.trackers:
+            if isinstance(tracker, JSONLTracker):
+                tracker.truncate_after(state.step)
     accelerator.print(f"training {type(model).__name__} ({num_parameters(model)} params, {conditioning}) on "
                       f"{cfg.data.dataset} ({len(dataset)} images), {world} process(es) on {device.type}, global batch "
                       f"{cfg.train.batch_size}, weighting={cfg.train.weighting}, "
@@ -260,7 +294,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
             else:
                 prediction, aux = module(noisy, timesteps, labels, teacher_out)
                 denoise = diffusion_loss(prediction, target, timesteps, schedule, cfg.train.weighting,
-                                         cfg.train.min_snr_gamma, prediction_type)
+                                         cfg.train.min_snr_gamma, prediction_type, floor=snr_floor)
             loss = denoise + aux["align"] if aux else denoise
 
             loss_mean = accelerator.reduce(loss.detach().float(), "mean")
@@ -276,8 +310,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
                 termination.report_gradient_cosine(step, grad_cos)
 
             accelerator.backward(loss)
-            if cfg.train.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            # the norm before clipping (grad_clip 0: measured, nothing clipped)
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip or math.inf)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -289,13 +323,15 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
             window_samples += cfg.train.batch_size
 
             # ------------------------------------------------------------------ log, evaluate, checkpoint
-            record = {"loss": loss_mean.item(), "loss/denoise": accelerator.reduce(denoise.detach(), "mean").item()}
+            # "loss" is the denoising loss; the alignment terms (negative cosines) are logged beside it
+            record = {"loss": accelerator.reduce(denoise.detach().float(), "mean").item(), "loss/total": loss_mean.item()}
             record.update({f"loss/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in aux.items() if k != "align"})
+            record["grad_norm"] = float(grad_norm)
             if grad_cos is not None:
                 record["align/grad_cos"] = grad_cos
             summary["losses"][step] = record["loss"]
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            progress.set_postfix(progress_postfix(record), refresh=False)
             if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 record.update({"lr": lr_schedule.get_last_lr()[0], "throughput/img_per_s": window_samples / elapsed,
@@ -308,6 +344,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
                 if result is not None:
                     summary["evals"].append({"step": state.step, **result})
                     accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step=state.step)
+                    (progress.write if not progress.disable else accelerator.print)(eval_line(state.step, result))
                 window_start = time.perf_counter()
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == cfg.train.max_steps:
                 saved = checkpoint(state.step)
@@ -347,6 +384,21 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def progress_postfix(record: dict) -> dict[str, str]:
+    """The progress bar's fields: the denoising ``loss``, then each alignment term, then the gradient norm."""
+    fields = {"loss": f"{record['loss']:.4f}"}
+    fields.update({k.split("/", 1)[1]: f"{v:.3f}" for k, v in record.items()
+                   if k.startswith("loss/") and k != "loss/total"})
+    fields["grad"] = f"{record['grad_norm']:.3g}"
+    return fields
+
+
+def eval_line(step: int, result: dict) -> str:
+    """One printed line per evaluation: ``step 500: FD-digits 12.34, class accuracy 0.912 (500 samples)``."""
+    accuracy = "" if result.get("accuracy") is None else f", class accuracy {result['accuracy']:.3f}"
+    return f"step {step}: {result.get('metric', 'FD')} {result['fd']:.2f}{accuracy} ({result['num_samples']} samples)"
+
+
 def lr_factor(step: int, cfg) -> float:
     """Learning-rate multiplier at ``step``: linear warmup, then constant or cosine down to ``min_lr_ratio``."""
     warmup = max(1, cfg.warmup_steps)
@@ -384,7 +436,9 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, ema, params, sch
     """FD-digits and class accuracy of ``eval.num_samples`` samples (main process; the others wait)."""
     inner = accelerator.unwrap_model(module)
     result = None
-    if accelerator.is_main_process and cfg.data.dataset == "digits" and inner.conditioning == "class_tokens":
+    unconditional = inner.conditioning == "none" and inner.class_embedder is not None  # the null context
+    if accelerator.is_main_process and cfg.data.dataset == "digits" and (inner.conditioning == "class_tokens"
+                                                                         or unconditional):
         from fastdiff.metrics import evaluate_samples
 
         restore = _swap_in_ema(ema if cfg.eval.use_ema else None, params)
@@ -394,11 +448,14 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, ema, params, sch
             labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
             gen = torch.Generator().manual_seed(cfg.eval.seed)
             latents = torch.randn((len(labels), *sample_shape_of(inner)), generator=gen)
-            images = pipe(labels.tolist(), num_inference_steps=cfg.eval.inference_steps,
-                          guidance_scale=cfg.eval.guidance_scale, latents=latents.to(accelerator.device),
-                          output_type="pt").images
-            metrics = evaluate_samples(images.float().cpu(), labels, value_range=(0, 1), metric="digits")
-            result = {"fd": metrics.fd, "accuracy": metrics.accuracy, "metric": metrics.metric}
+            prompts = torch.zeros_like(labels) if unconditional else labels  # label 0: the null context
+            images = pipe(prompts.tolist(), num_inference_steps=cfg.eval.inference_steps,
+                          guidance_scale=1.0 if unconditional else cfg.eval.guidance_scale,
+                          latents=latents.to(accelerator.device), output_type="pt").images
+            metrics = evaluate_samples(images.float().cpu(), None if unconditional else labels, value_range=(0, 1),
+                                       metric="digits")
+            result = {"fd": metrics.fd, "accuracy": metrics.accuracy, "metric": metrics.metric,
+                      "num_samples": len(labels)}
         finally:
             restore()
             inner.train()
@@ -407,27 +464,36 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, ema, params, sch
 
 
 def sample_shape_of(inner: TrainModule) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one sample of the denoiser (``sample_size`` an int or a pair)."""
     c = inner.model.config
-    return (c.in_channels, c.sample_size, c.sample_size)
+    size = c.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (c.in_channels, height, width)
+
+
+# class-token denoisers exported as a sampling pipeline (fastdiff.models.digits.digits_pipeline_for)
+_PIPELINE_MODELS = ("PixArtTransformer2DModel", "UNet2DConditionModel")
 
 
 def sampling_pipeline(inner: TrainModule, scheduler):
-    """A ``DigitsPipeline`` around the trained transformer and class embedder (DDIM / flow-match Euler)."""
+    """A ``DigitsPipeline`` (transformers) or ``DigitsUNetPipeline`` (``UNet2DConditionModel``) around the trained
+    denoiser and class embedder (DDIM / flow-match Euler)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from fastdiff.models.digits import DigitsPipeline
+    from fastdiff.models.digits import digits_pipeline_for
 
     sampler_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in type(scheduler).__name__ else DDIMScheduler
-    pipe = DigitsPipeline(inner.model, inner.class_embedder, sampler_cls.from_config(scheduler.config))
+    pipe = digits_pipeline_for(inner.model, inner.class_embedder, sampler_cls.from_config(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def export_model(inner: TrainModule, ema, params, scheduler, out_dir: Path) -> None:
-    """Save the final (EMA) weights: a ``DigitsPipeline`` for class-token transformers, else the model."""
+    """Save the final (EMA) weights: a ``DigitsPipeline`` / ``DigitsUNetPipeline`` (``pipeline/``) for class-token
+    PixArt transformers and ``UNet2DConditionModel``, else the model and its scheduler."""
     restore = _swap_in_ema(ema, params)
     try:
-        if inner.conditioning == "class_tokens" and type(inner.model).__name__ == "PixArtTransformer2DModel":
+        if inner.conditioning == "class_tokens" and type(inner.model).__name__ in _PIPELINE_MODELS:
             sampling_pipeline(inner, scheduler).save_pretrained(out_dir / "pipeline")
         else:
             inner.model.save_pretrained(out_dir / "model")
@@ -447,6 +513,10 @@ def run(cfg: Config) -> dict:
     main_process = os.environ.get("RANK", "0") == "0"
     try:
         return train(cfg)
+    except (ConfigError, LaunchError) as err:  # one line per problem, no traceback
+        if main_process:
+            print(f"fastdiff train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except TrainingInterrupted as stop:
         if main_process:
             print(f"fastdiff train: {signal.Signals(stop.signum).name} after step {stop.step}: saved {stop.checkpoint}; "
@@ -460,7 +530,8 @@ def run(cfg: Config) -> dict:
         raise SystemExit(128 + signal.SIGINT) from None
 
 
-__all__ = ["NonFiniteLossError", "StopSignals", "TrainingInterrupted", "main", "mixed_precision_choice", "run", "train"]
+__all__ = ["LaunchError", "NonFiniteLossError", "StopSignals", "TrainingInterrupted", "check_launch", "main",
+           "mixed_precision_choice", "run", "train"]
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,18 @@ scripts, diffusers issue #9451) compute 0/0.
 
 ``soft_min_snr`` (Crowson et al. 2024, HDiT, arXiv:2401.11605) replaces the min by
 ``w_x0 = snr gamma / (snr + gamma) = gamma alpha^2 / (alpha^2 + gamma sigma^2)``.
+
+**Floor at zero terminal SNR.** For x0, v and flow targets Min-SNR's weight goes to 0 with the SNR, and at a
+zero-terminal-SNR schedule (Lin et al. 2024, ``rescale_betas_zero_snr=True``) it is exactly 0 at the last
+timestep: a v-model never trains the step every trailing-spacing sampler starts from (diffusers issue #9451,
+"SNR gamma in v_prediction": the weight of the high-noise half is close to 0). ``floor`` lifts the clipped
+SNR to at least ``floor``: ``w_x0 = max(min(snr, gamma), floor)`` (and ``max(snr gamma / (snr + gamma),
+floor)`` for ``soft_min_snr``), i.e. ``max(min(snr, gamma), floor) / (snr + 1)`` for v. ``floor = 1`` is the
+``max(min(SNR, 5), 1)`` proposed in TiankaiHang/Min-SNR-Diffusion-Training issue #2 and diffusers PR #5096
+("flooring the SNR weights to 1"), which weights the v error at ``snr <= 1`` like the epsilon objective
+does (``1 / (snr + 1)``, 1 at the terminal step). Epsilon weights are never 0 (``min(1, gamma / snr)``) and
+are not floored. :func:`min_snr_floor` picks the training script's default: 1 for VP schedules with zero
+terminal SNR, 0 (Hang et al. unchanged) otherwise.
 """
 
 from __future__ import annotations
@@ -77,6 +89,26 @@ _FORMS: dict[str, dict[str, _Form]] = {
 }
 
 
+def min_snr_floor(floor: float | None, scheduler: object, weighting: str = "min_snr") -> float:
+    """The floor on the clipped SNR: ``floor`` if given, else (``None``, auto) 1.0 for a VP schedule whose
+    last ``alphas_cumprod`` is 0 (zero terminal SNR) and a weighting other than ``none``, else 0.0."""
+    if floor is not None:
+        if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"train.min_snr_floor must be null (auto) or a number >= 0, got {floor!r}")
+        return float(floor)
+    schedule = _schedule(scheduler)
+    zero_terminal = schedule.kind == "vp" and float(schedule.alphas_cumprod[-1]) == 0.0
+    return 1.0 if zero_terminal and weighting != "none" else 0.0
+
+
+def _apply_floor(weight: torch.Tensor, a2: torch.Tensor, s2: torch.Tensor, prediction_type: str,
+                 floor: float) -> torch.Tensor:
+    """``w_x0 -> max(w_x0, floor)`` expressed in the target's space (x0: ``floor``; v, flow: ``floor sigma^2``)."""
+    if floor <= 0 or prediction_type == "epsilon":
+        return weight
+    return torch.maximum(weight, floor * (s2 if prediction_type in ("v_prediction", "flow") else torch.ones_like(s2)))
+
+
 def check_weighting(weighting: str) -> str:
     """``weighting`` if it is one of :data:`WEIGHTINGS`, else a ``ValueError`` listing them."""
     if weighting not in WEIGHTINGS:
@@ -115,6 +147,7 @@ def loss_weight(
     weighting: str = "min_snr",
     gamma: float = 5.0,
     prediction_type: str | None = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """Per-sample loss weights ``[B]`` (float64) for the MSE on ``prediction_type``'s target.
 
@@ -124,12 +157,15 @@ def loss_weight(
         weighting: one of :data:`WEIGHTINGS`.
         gamma: the Min-SNR clip (Hang et al. use 5), > 0.
         prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``; default: the scheduler's.
+        floor: lower bound on the clipped SNR (see the module docstring; 0: Hang et al. as published).
     """
     forms = _FORMS[_check_options(weighting, gamma, prediction_type)]
     schedule = _schedule(scheduler)
     prediction_type = check_prediction_type(prediction_type or scheduler_prediction_type(scheduler))
     alpha, sigma = schedule.alpha(timesteps), schedule.sigma(timesteps)
-    return forms[prediction_type](alpha**2, sigma**2, float(gamma))
+    a2, s2 = alpha**2, sigma**2
+    weight = forms[prediction_type](a2, s2, float(gamma))
+    return weight if weighting == "none" else _apply_floor(weight, a2, s2, prediction_type, float(floor))
 
 
 def min_snr_weight(timesteps: torch.Tensor, scheduler: object, gamma: float = 5.0,
@@ -147,6 +183,7 @@ def diffusion_loss(
     gamma: float = 5.0,
     prediction_type: str | None = None,
     reduction: str = "mean",
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """Weighted denoising MSE, for use inside any diffusers training loop.
 
@@ -162,6 +199,7 @@ def diffusion_loss(
         gamma: Min-SNR clip value.
         prediction_type: override of the scheduler's ``prediction_type`` (``flow`` for flow matching).
         reduction: ``"mean"`` (a scalar) or ``"none"`` (per-sample ``[B]``).
+        floor: lower bound on the clipped SNR of ``min_snr`` / ``soft_min_snr`` (see :func:`min_snr_floor`).
     """
     _check_options(weighting, gamma, prediction_type)
     if reduction not in ("mean", "none"):
@@ -180,7 +218,7 @@ def diffusion_loss(
     dtype = torch.promote_types(model_output.dtype, torch.float32)
     per_sample = (model_output.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
     if weighting != "none":
-        per_sample = per_sample * loss_weight(timesteps, scheduler, weighting, gamma, prediction_type).to(dtype)
+        per_sample = per_sample * loss_weight(timesteps, scheduler, weighting, gamma, prediction_type, floor).to(dtype)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 

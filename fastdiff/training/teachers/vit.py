@@ -23,6 +23,7 @@ from fastdiff.data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from fastdiff.training.repa import TeacherOutput
 
 TEACHER_DIR = Path(__file__).with_name("digits_vit")
+MAE_TEACHER_DIR = Path(__file__).with_name("digits_mae")  # the MAE teacher (teachers/mae.py)
 
 
 class _Block(nn.Module):
@@ -56,24 +57,33 @@ class DigitsViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, dim, self.grid, self.grid) * 0.02)
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes) if num_classes else None  # None: self-supervised (MAE) teacher
 
     @property
     def embed_dim(self) -> int:
         return self.norm.normalized_shape[0]
 
-    def forward(self, images: Tensor) -> TeacherOutput:
+    def patch_embed(self, images: Tensor) -> Tensor:
+        """Patch tokens plus position embeddings ``[B, N, D]`` (row-major grid)."""
         x = self.embed(images)
         pos = self.pos if x.shape[-2:] == self.pos.shape[-2:] else F.interpolate(
             self.pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        x = (x + pos).flatten(2).transpose(1, 2)
+        return (x + pos).flatten(2).transpose(1, 2)
+
+    def encode(self, x: Tensor) -> TeacherOutput:
+        """The blocks and final LayerNorm over embedded tokens ``x`` (all of them, or MAE's visible subset)."""
         attentions = []
         for block in self.blocks:
             x, attn = block(x)
             attentions.append(attn)
         return TeacherOutput(tokens=self.norm(x), attentions=attentions)
 
+    def forward(self, images: Tensor) -> TeacherOutput:
+        return self.encode(self.patch_embed(images))
+
     def classify(self, images: Tensor) -> Tensor:
+        if self.head is None:
+            raise ValueError("this DigitsViT has no classification head (num_classes=0: a self-supervised teacher)")
         return self.head(self(images).tokens.mean(1))
 
 
@@ -127,7 +137,7 @@ def train_digits_teacher(epochs: int = 30, batch_size: int = 64, lr: float = 2e-
     net.eval().requires_grad_(False)
     arch = dict(image_size=IMAGE_SIZE, patch_size=net.patch_size, dim=net.embed_dim, depth=len(net.blocks),
                 heads=net.blocks[0].heads, mlp_ratio=net.blocks[0].mlp[0].out_features // net.embed_dim,
-                num_classes=net.head.out_features)
+                num_classes=net.head.out_features if net.head is not None else 0)
     record = {"architecture": arch, "recipe": recipe,
               "outputs": "tokens: final LayerNorm of the 64 patch tokens; attentions: per-block softmax(QK^T/sqrt d)",
               "accuracy": {"train": round(_accuracy(net, x_train, y_train), 4),

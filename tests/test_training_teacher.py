@@ -1,0 +1,98 @@
+"""The self-supervised digits teacher (MAE), its probe, and the shipped weights."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastdiff.training.modeling import load_teacher, shipped_teachers, teacher_depth
+from fastdiff.training.teachers.mae import MAEDecoder, mae_loss, patchify, random_masking, train_mae_teacher
+from fastdiff.training.teachers.probe import attention_entropy, class_mean_cosine, class_r2, probe_teacher
+from fastdiff.training.teachers.vit import DigitsViT
+
+
+def test_random_masking_keeps_a_random_subset_and_restores_the_order():
+    x = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    visible, mask, ids_restore = random_masking(x, 0.75, torch.Generator().manual_seed(0))
+    assert visible.shape == (2, 4, 3) and mask.shape == (2, 16) and (mask.sum(1) == 12).all()
+    for b in range(2):  # the visible tokens are exactly the unmasked positions
+        kept = {tuple(t.tolist()) for t in visible[b]}
+        assert kept == {tuple(x[b, n].tolist()) for n in range(16) if mask[b, n] == 0}
+    # appending placeholders and gathering with ids_restore puts every visible token back at its position
+    full = torch.cat([visible, torch.full((2, 12, 3), -1.0)], 1)
+    restored = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(restored[mask == 0], x[mask == 0])
+    assert (restored[mask == 1] == -1).all()
+
+
+def test_patchify_matches_the_encoder_patch_grid():
+    images = torch.arange(16 * 16, dtype=torch.float32).view(1, 1, 16, 16)
+    patches = patchify(images, 4)
+    assert patches.shape == (1, 16, 16)
+    torch.testing.assert_close(patches[0, 6], images[0, 0, 4:8, 8:12].flatten())  # row 1, column 2
+
+
+def test_mae_loss_counts_masked_patches_only(monkeypatch):
+    torch.manual_seed(0)
+    encoder = DigitsViT(patch_size=4, dim=16, depth=1, heads=2, num_classes=0)
+    decoder = MAEDecoder(16, 16, 16, dim=8, depth=1, heads=2)
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    seen = {}
+
+    def exact_on_masked(latent, ids_restore):  # a decoder that is right on masked patches, wrong elsewhere
+        target = patchify(images, 4)
+        mask = seen["mask"]
+        return torch.where(mask[..., None] == 1, target, target + 100.0)
+
+    real_masking = random_masking
+
+    def recording(x, ratio, gen=None):
+        out = real_masking(x, ratio, gen)
+        seen["mask"] = out[1]
+        return out
+
+    monkeypatch.setattr("fastdiff.training.teachers.mae.random_masking", recording)
+    monkeypatch.setattr(decoder, "forward", exact_on_masked)
+    assert mae_loss(encoder, decoder, images, 0.75).item() == 0.0
+
+
+def test_probe_measures_label_embeddings_and_sharpness():
+    labels = torch.arange(200) % 10
+    embedding = torch.randn(10, 16, 8)[labels]  # tokens = a function of the label
+    assert class_r2(embedding, labels) == pytest.approx(1.0)
+    assert class_mean_cosine(embedding, labels) == pytest.approx(1.0)
+    noise = torch.randn(2000, 16, 8)
+    assert abs(class_r2(noise, torch.arange(2000) % 10)) < 0.02
+    uniform = torch.full((2, 3, 16, 16), 1 / 16)
+    one_hot = torch.eye(16).expand(2, 3, 16, 16)
+    assert attention_entropy([uniform, one_hot]) == pytest.approx([math.log(16), 0.0], abs=1e-6)
+
+
+def test_mae_training_runs_and_records_its_probe():
+    net, record = train_mae_teacher(steps=2, batch_size=8, warmup_steps=1, log=None, dim=16, depth=2, heads=2,
+                                    decoder={"dim": 8, "depth": 1, "heads": 2})
+    assert isinstance(net, DigitsViT) and net.head is None and not any(p.requires_grad for p in net.parameters())
+    assert record["architecture"]["num_classes"] == 0 and record["architecture"]["patch_size"] == 4
+    assert "MAE" in record["recipe"]["objective"] and record["probe"]["num_tokens"] == 16
+    with pytest.raises(ValueError, match="no classification head"):
+        net.classify(torch.zeros(1, 1, 16, 16))
+
+
+def test_shipped_mae_teacher_is_self_supervised_small_and_on_the_student_grid():
+    path = shipped_teachers()["digits_mae"]
+    weights = path / "model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    record = json.loads((path / "config.json").read_text())
+    assert record["architecture"]["num_classes"] == 0 and "MAE" in record["recipe"]["objective"]
+    teacher = load_teacher("digits_mae")
+    out = teacher(torch.zeros(2, 1, 16, 16))
+    assert out.tokens.shape[1] == 16 == (16 // 4) ** 2  # the 4x4 grid of a patch-4 student on 16x16
+    assert teacher_depth("digits_mae") == len(out.attentions) == 6
+    probe = probe_teacher(teacher)  # the stored probe is what the shipped weights give
+    for key in ("class_r2", "attention_entropy_mean", "uniform_entropy"):
+        assert probe[key] == pytest.approx(record["probe"][key], abs=2e-3)
+    assert probe["attention_entropy_mean"] < 0.75 * probe["uniform_entropy"]  # sharp, unlike the classifier's
+    old = json.loads((shipped_teachers()["digits_vit"] / "config.json").read_text())
+    assert probe["class_r2"] < probe_teacher(load_teacher("digits_vit"))["class_r2"] - 0.2 and "classification" in \
+        old["recipe"]["objective"]

@@ -1,0 +1,92 @@
+"""The REPA/HASTE testbed: unconditional training end to end, paper defaults, and the benchmark's scoring."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.training import load_config
+from fastdiff.training.modeling import (
+    TrainModule,
+    build_alignment,
+    build_model,
+    build_null_context,
+    default_attention_pairs,
+    default_repa_block,
+)
+from fastdiff.training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+UNCOND, COND = ROOT / "configs" / "digits_testbed_uncond.yaml", ROOT / "configs" / "digits_testbed.yaml"
+TINY = ["model.config.num_layers=3", "train.batch_size=8", "train.warmup_steps=1", "align.projector_dim=16",
+        "log.every=1", "log.progress_bar=false", "eval.num_samples=20", "eval.inference_steps=2"]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("training_speed", ROOT / "benchmarks" / "training_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unconditional_pixart_trains_with_haste_and_evaluates(tmp_path, capsys):
+    """``model.conditioning: none`` on PixArt (it used to crash inside PixArt's cross-attention)."""
+    cfg = load_config(UNCOND, [f"output_dir={tmp_path}", *TINY, "--haste", "--max_steps", "2", "eval.every=2"])
+    summary = train(cfg)
+    assert summary["final_step"] == 2 and summary["teacher_calls"] == 2
+    (evaluation,) = summary["evals"]
+    assert np.isfinite(evaluation["fd"]) and evaluation["accuracy"] is None  # no labels to score
+    assert "step 2: FD-digits" in capsys.readouterr().out
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_null_context_carries_no_label():
+    model = build_model(load_config(UNCOND, TINY))
+    module = TrainModule(model, "none", build_null_context(model))
+    contexts = module.condition(torch.tensor([0, 3, 9]))["encoder_hidden_states"]
+    assert contexts.shape == (3, 1, model.config.caption_channels) and (contexts == 0).all()
+    assert not any(p.requires_grad for p in module.class_embedder.parameters())
+
+
+def test_paper_defaults_for_repa_depth_and_haste_pairs():
+    # REPA: --encoder-depth 4 for SiT-B (12 blocks), 8 for SiT-L (24); HASTE: SiT-XL blocks 4..7 <- DINOv2-B 8..11
+    assert [default_repa_block(d) for d in (4, 6, 12, 24)] == [0, 1, 3, 7]
+    assert default_attention_pairs(7, 12) == [[4, 8], [5, 9], [6, 10], [7, 11]]
+    assert default_attention_pairs(1, 6) == [[0, 4], [1, 5]] and default_attention_pairs(0, 6) == [[0, 5]]
+    for repa_block in range(8):
+        assert all(s <= repa_block for s, _ in default_attention_pairs(repa_block, 6))  # at or before REPA's
+    for path in (UNCOND, COND):
+        cfg = load_config(path, ["--haste"])
+        assert cfg.align.teacher == "digits_mae" and cfg.align.repa_block is None and cfg.align.attn_pairs is None
+        alignment = build_alignment(cfg, build_model(cfg))
+        assert alignment.repa.block_index == 1 and alignment.attention_pairs == [(0, 4), (1, 5)]
+        assert alignment.termination.grad_angle_deg == 90 and alignment.termination.stop_step is None
+    assert load_config(UNCOND).model.conditioning == "none" and load_config(COND).model.conditioning == "auto"
+
+
+def test_scoring_sees_a_2x_speedup_on_paired_noisy_curves():
+    bench = _benchmark()
+    steps = list(range(75, 601, 75))
+    rng = np.random.default_rng(0)
+
+    def run(speed, seed):
+        fd = [100 * np.exp(-speed * s / 300) + 10 + rng.normal(0, 0.3) for s in steps]
+        return {"evals": [{"step": s, "fd": f, "accuracy": None} for s, f in zip(steps, fd)],
+                "throughput_img_per_s": 1.0, "terminated_at": None}
+
+    runs = {"baseline": {s: run(1.0, s) for s in range(3)}, "repa": {s: run(2.0, s) for s in range(3)},
+            "haste": {s: run(0.9, s) for s in range(3)}}
+    section = bench.analyse_testbed(runs, [0, 1, 2], last=3)
+    table = section["table"]
+    assert table["baseline"]["ratio_mean_curve"] == pytest.approx(1.0)
+    # exp(-2 s) reaches a level in half the steps of exp(-s): ratio 0.5 up to interpolation and noise
+    assert table["repa"]["ratio_mean_curve"] == pytest.approx(0.5, abs=0.06)
+    assert all(r == pytest.approx(0.5, abs=0.08) for r in table["repa"]["ratio_per_seed"])
+    assert table["repa"]["paired_fd_change_vs_baseline_mean"] < 0
+    assert table["haste"]["ratio_mean_curve"] is None or table["haste"]["ratio_mean_curve"] > 1
+    met = bench.targets_met("unconditional", table)
+    assert met["repa<=0.5x (mean curve)"] in (True, False) and not met["haste<=repa (mean curve)"]
+    assert bench.crossing_step([1, 2, 3], [5.0, 3.0, 4.0], 3.5) is None  # must stay below at the end
+    assert bench.crossing_step([1, 2, 3], [5.0, 3.0, 2.0], 4.0) == pytest.approx(1.5)
