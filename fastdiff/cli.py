@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compare", help="samplers x steps -> FD, class accuracy, NFE, time; table, JSON, plot")
+    p = sub.add_parser("compare", help="samplers x steps -> FD, class accuracy, NFE, time; table, JSON, plot "
+                                       "(--model tarflow-digits: the flow's inversion strategies)")
     p.add_argument("--samplers", type=_name_list, default=None,
                    help="comma-separated sampler names (default: ddim,dpmpp_2m,unipc,deis,accel_ddim,dpmpp_2m_dualfast); "
                         "see `fastdiff samplers`")
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its step count (default: 100; small values only for quick checks)")
     p.add_argument("--out", default="fastdiff-out/compare", help="output folder (default: fastdiff-out/compare)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--batch1-images", type=_int_at_least(0, "an image count"), default=None, metavar="N",
+                   help="--model tarflow-digits: images also inverted one at a time per sampler, for the batch-1 "
+                        "wall time (default: 5; 0 skips)")
     _add_common(p)
 
     p = sub.add_parser("sample", help="sample a grid of digits with one sampler and save a PNG")
@@ -127,7 +131,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compare_flow(args: argparse.Namespace) -> int:
+    """``compare --model tarflow-digits``: the flow's inversion strategies (``fastdiff.flows.compare``)."""
+    from .flows.compare import FLOW_SAMPLERS, check_flow_compare_args
+
+    for option, value in (("--steps", args.steps), ("--reference-sampler", args.reference_sampler),
+                          ("--reference-steps", args.reference_steps), ("--tgate", args.tgate),
+                          ("--prompt", args.prompt)):
+        if value is not None:
+            why = {"--steps": "a flow samples by one inversion, not in steps",
+                   "--reference-sampler": "the reference is the exact sequential inversion",
+                   "--reference-steps": "the reference is the exact sequential inversion",
+                   "--tgate": "TGATE caches diffusion cross-attention", "--prompt": "the flow is class-conditional"}
+            raise ValueError(f"{option} does not apply to --model {args.model} ({why[option]}); its samplers are "
+                             f"inversion strategies: --samplers {','.join(FLOW_SAMPLERS)}")
+    samplers = args.samplers or list(FLOW_SAMPLERS)
+    given = {"num_images": args.num_images, "batch1_images": args.batch1_images}
+    given = {k: v for k, v in given.items() if v is not None}
+    check_flow_compare_args(samplers, guidance=args.guidance_scale, **{"num_images": 100, **given})
+    out = _check_writable_dir(args.out, "--out")
+    from rich.console import Console
+
+    from .compare import CompareInterrupted, run_flow_compare
+    from .flows.compare import render_flow_table, save_flow_outputs
+
+    console = Console()
+    try:
+        result, images = run_flow_compare(samplers, model=args.model, guidance=args.guidance_scale, seed=args.seed,
+                                          device=args.device, progress=not args.no_progress, **given)
+    except CompareInterrupted as stop:
+        if not stop.result.cells:
+            print("fastdiff compare: interrupted before any cell finished; nothing written", file=sys.stderr)
+        else:
+            paths = save_flow_outputs(stop.result, stop.images, out)
+            print(f"fastdiff compare: interrupted; wrote the {len(stop.result.cells)} finished cell(s) to "
+                  f"{paths['json']}", file=sys.stderr)
+        return 130
+    console.print(render_flow_table(result))
+    paths = save_flow_outputs(result, images, out)
+    console.print(f"metric: {result.reference['metric']}; wrote {paths['json']}, {paths['plot']}, {paths['grid']}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
+    from .flows.compare import FLOW_MODELS
+
+    if args.model in FLOW_MODELS:
+        return _compare_flow(args)
+    if args.batch1_images is not None:
+        raise ValueError("--batch1-images applies to flow models only (--model tarflow-digits)")
     _check_samplers([*(args.samplers or ()), *([args.reference_sampler] if args.reference_sampler else [])])
     out = _check_writable_dir(args.out, "--out")
     from rich.console import Console

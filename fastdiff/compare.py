@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .flows.compare import FLOW_MODELS  # flow models are compared by run_flow_compare
 from .samplers.registry import available_samplers, make_scheduler
 
 DEFAULT_SAMPLERS = ("ddim", "dpmpp_2m", "unipc", "deis", "accel_ddim", "dpmpp_2m_dualfast")
@@ -156,6 +157,14 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu"):
     return pipe.to(dev)
 
 
+def run_flow_compare(*args: Any, **kwargs: Any):
+    """``fastdiff compare --model tarflow-digits``: :func:`fastdiff.flows.compare.run_flow_compare` (a flow's
+    samplers are its inversion strategies, ``sequential`` the reference; there are no step counts)."""
+    from .flows.compare import run_flow_compare as run
+
+    return run(*args, **kwargs)
+
+
 class _Target:
     """How to call one pipeline with fixed noise: the digits pipeline takes class labels, others prompts."""
 
@@ -230,6 +239,9 @@ def run_compare(
     """
     from .samplers.tgate import check_cond_weight, disable_tgate, enable_tgate
 
+    if model in FLOW_MODELS:
+        raise ValueError(f"model {model!r} is a normalizing flow: compare its inversion strategies with "
+                         "fastdiff.compare.run_flow_compare (samplers, no step counts)")
     samplers, steps = list(samplers), list(steps)
     check_compare_args(samplers, steps, num_images, reference)
     if tgate is not None and (isinstance(tgate, bool) or not isinstance(tgate, int) or tgate < 1):

@@ -31,3 +31,19 @@ def test_embedded_flow_samples_recognisable_digits_with_the_automatic_strategy()
     # the one-call path gives the same images (a smaller batch: the paper's stopping rule depends on B)
     same, _ = sample(model, labels[:4], noise=noise[:4], **settings.invert_kwargs())
     torch.testing.assert_close(same, images[:4], rtol=0, atol=1e-3)
+
+
+def test_tight_tolerance_reproduces_the_shipped_flows_sequential_inverse_in_float64():
+    """Issue 15's exactness target on the real model: Jacobi and GS-Jacobi (8 and, not dividing the 63 unknown
+    tokens, 5 segments) at tolerance 1e-12 without the clamp, against the sequential inverse, all in float64."""
+    model, settings = load_digits_tarflow(dtype=torch.float64)
+    labels = torch.tensor([2, 7])
+    noise = torch.randn(2, model.num_tokens, model.token_dim, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64)
+    common = {"guidance": settings.guidance, "annealed": settings.annealed}
+    reference, _ = invert(model, noise, labels, method="sequential", **common)
+    for kwargs in ({"method": "jacobi"}, {"method": "gs_jacobi", "num_segments": 8},
+                   {"method": "gs_jacobi", "num_segments": 5}):
+        x, stats = invert(model, noise, labels, tolerance=1e-12, clamp=None, **kwargs, **common)
+        assert float((x - reference).pow(2).mean().sqrt()) <= 1e-5, kwargs
+        assert all(b.converged for b in stats.blocks)

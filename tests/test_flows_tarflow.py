@@ -27,6 +27,25 @@ def test_patchify_round_trip():
     assert torch.equal(model.unpatchify(tokens), x)
 
 
+@pytest.mark.parametrize("channels, size, patch", [(1, 8, 1), (1, 16, 2), (3, 8, 2), (2, 12, 3)])
+def test_patch_tokens_are_row_major_patches_channel_first(channels, size, patch):
+    """Patchify against an independent reshape: token ``i * (s/p) + j`` is patch row i, column j, its values
+    channel-major then row-major inside the patch; any patch size, and the inverse flow round-trips."""
+    torch.manual_seed(0)
+    model = TarFlow(sample_size=size, in_channels=channels, patch_size=patch, width=16, num_blocks=2,
+                    layers_per_block=1, head_dim=8, num_classes=0).double().eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.proj_out.weight, std=0.05)
+    x = torch.rand(2, channels, size, size, dtype=torch.float64) * 2 - 1
+    n = size // patch
+    expected = x.view(2, channels, n, patch, n, patch).permute(0, 2, 4, 1, 3, 5).reshape(2, n * n, -1)
+    assert torch.equal(model.patchify(x), expected)
+    assert (model.num_tokens, model.token_dim) == (n * n, channels * patch**2)
+    z, _ = model(x)
+    back, _ = invert(model, z, method="jacobi", tolerance=0, clamp=None)
+    torch.testing.assert_close(model.unpatchify(back), x, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("labels", [None, torch.tensor([0, 2, 3])])
 def test_forward_then_sequential_inverse_is_identity(labels):
     model = tiny_flow()
@@ -119,5 +138,7 @@ def test_bad_inputs():
         TarFlow(sample_size=9, patch_size=2)
     with pytest.raises(ValueError, match="labels must be in"):
         model(torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.tensor([7]))
+    with pytest.raises(ValueError, match=r"images must be \[B, 1, 8, 8\]"):
+        model(torch.zeros(1, 1, 16, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="labels"):
         model(torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.tensor([0.5]))

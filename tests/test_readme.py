@@ -99,6 +99,8 @@ def _argv(line: str, tmp_path: Path) -> list[str] | None:
         words = ["python", *words[module:]]
     key = " ".join(words[:2]) if words[0] == "fastdiff" else " ".join(words[:3])
     extra = list(SMALL.get(key, []))
+    if key == "fastdiff compare" and "tarflow-digits" in words:  # a flow has no steps (fastdiff.flows.compare)
+        extra = ["--num-images", "4", "--batch1-images", "1", "--no-progress"]
     if key in ("fastdiff train", "python -m fastdiff.training.train"):
         extra.append(f"output_dir={tmp_path / 'run'}")
     if words[0] == "fastdiff":

@@ -214,6 +214,11 @@ class TarFlow(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ density
     def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images -> ``(z [B, T, D], logdet [B])`` through every block."""
+        c, size = self.config.in_channels, self.config.sample_size
+        if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (c, size, size):
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be [B, {c}, {size}, {size}] (in_channels, sample_size of this TarFlow; "
+                             f"training: data.resolution must equal model.config.sample_size), got {got}")
         labels = self.check_labels(labels, images.shape[0])
         x, logdet = self.patchify(images), images.new_zeros(images.shape[0])
         for block in self.blocks:
