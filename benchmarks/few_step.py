@@ -17,8 +17,9 @@ mixture component; ``rms_common`` over the samples that *every* sampler of the t
 Baselines: every diffusers multistep scheduler with its spacing options (Karras sigmas) and final-sigma variants
 (``BASELINES``); NFE counts real model calls.
 
-**order**: measured order of convergence of the accelerated update on fractional grids uniform in ``t`` from 999
-to 100 (every step refines), on a smooth single-Gaussian oracle and on the first mixture.
+**order**: measured order of convergence of the accelerated update (the default's update, i.e. its
+predictor-corrector, fastdiff v2's and the paper's) on fractional grids uniform in ``t`` from 999 to 100 (every
+step refines), on a smooth single-Gaussian oracle and on the first mixture.
 
 **dualfast**: on an exact score (no approximation error) DualFast can only add error; the change it makes vs the
 base solver's own error, per NFE.
@@ -60,12 +61,12 @@ ORACLES: dict[str, dict[str, Any]] = {
         mixture=dict(dim=64, num_components=6, std_range=(0.03, 0.4), seed=303),
         config={**SD, "timestep_spacing": "leading", "prediction_type": "epsilon"}),
 }
-OURS = ["accel_ddim", "accel_ddim_paper", "accel_ddim_exact_score", "accel_ddim_data"]
+OURS = ["accel_ddim", "accel_ddim_v2", "accel_ddim_paper", "accel_ddim_exact_score", "accel_ddim_data"]
 DUALFAST_PAIRS = {"ddim": "ddim_dualfast", "dpmpp_2m": "dpmpp_2m_dualfast", "unipc": "unipc_dualfast",
-                  "accel_ddim": "accel_ddim_dualfast"}
+                  "accel_ddim_v2": "accel_ddim_dualfast"}
 DIGITS_SAMPLERS = ["ddim", "ddim_dualfast", "ddim_dualfast_prediction", "dpmpp_2m", "dpmpp_2m_dualfast",
                    "dpmpp_2m_dualfast_prediction", "unipc", "unipc_dualfast", "unipc_dualfast_prediction",
-                   "accel_ddim", "accel_ddim_dualfast"]
+                   "accel_ddim", "accel_ddim_v2", "accel_ddim_dualfast"]
 
 
 def environment() -> dict[str, Any]:
@@ -229,7 +230,7 @@ def _best_baseline(rows: dict[str, Any], key: str, n: int) -> list[tuple[str, fl
 # ------------------------------------------------------------------------------------------------ order
 def order_section(args: argparse.Namespace) -> dict[str, Any]:
     """Measured order on fractional grids uniform in t from 999 to 100 (every step refines)."""
-    from fastdiff.samplers.accelerated_ddim import accelerated_step_coefficients
+    from fastdiff.samplers.accelerated_ddim import accelerated_step_coefficients, few_step_update_settings
     from fastdiff.testing import AnisotropicGaussianMixtureDenoiser, make_anisotropic_mixture
 
     smooth_src = make_anisotropic_mixture(dim=16, num_components=1, std_range=(0.3, 1.0), seed=404,
@@ -238,8 +239,8 @@ def order_section(args: argparse.Namespace) -> dict[str, Any]:
                                                 torch.ones(1), smooth_src.schedule)
     mixture = make_anisotropic_mixture(scheduler_config=ORACLES[next(iter(ORACLES))]["config"],
                                        **next(iter(ORACLES.values()))["mixture"])
-    variants = {"ddim": {"solver_order": 1}, "accel_ddim": {}, "accel_ddim_paper": {"interpolation": "alphas_cumprod",
-                                                                                     "max_step_ratio": None}}
+    variants = {"ddim": {"solver_order": 1}, "accel_ddim": few_step_update_settings(),
+                "accel_ddim_v2": {}, "accel_ddim_paper": {"interpolation": "alphas_cumprod", "max_step_ratio": None}}
     steps = [10, 20, 40, 80]
     out: dict[str, Any] = {"grid": "uniform in t, 999 -> 100 (fractional), exact ODE reference", "steps": steps}
     for oname, oracle in (("smooth (one anisotropic Gaussian, 16-d)", smooth), ("mixture A", mixture)):
@@ -250,15 +251,14 @@ def order_section(args: argparse.Namespace) -> dict[str, Any]:
             errs = []
             for n in steps:
                 grid = torch.linspace(999, 100, n + 1, dtype=torch.float64).tolist()
-                c = accelerated_step_coefficients(oracle.schedule, grid[:-1], grid[-1], **kw)
-                y, prev = x.clone(), None
-                for i, t in enumerate(grid[:-1]):
+                b, c = accelerated_step_coefficients(oracle.schedule, grid[:-1], grid[-1], **kw).linear_form()
+                y, x0s, epss = x.clone(), [], []
+                for i, t in enumerate(grid[:-1]):  # x_{i+1} = sum_j b[i, j] x0_{i-j} + c[i, j] eps_{i-j}
                     a, s = oracle.schedule.alpha(t).item(), oracle.schedule.sigma(t).item()
                     eps = oracle(y, t)
-                    y_next = c.alpha_next[i] * (y - s * eps) / a + c.sigma_next[i] * eps
-                    if prev is not None:
-                        y_next = y_next + c.correction[i] * (eps - prev)
-                    y, prev = y_next, eps
+                    x0s.insert(0, (y - s * eps) / a)
+                    epss.insert(0, eps)
+                    y = sum(b[i, j] * x0s[j] + c[i, j] * epss[j] for j in range(min(len(x0s), b.shape[1])))
                 errs.append(rms(y, exact))
             res[name] = {"rms": errs, "order": [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]}
             print(f"[order {oname}] {name:18s} " + " ".join(f"{o:.2f}" for o in res[name]["order"]), flush=True)
@@ -471,7 +471,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         rows = sec["oracles"][label]["samplers"]
         best = _best_baseline(rows, "rms", len(sec["nfe"]))
         ax.plot(sec["nfe"], [b[1] for b in best], "k--", label="best diffusers (per NFE)")
-        for nm in ("accel_ddim", "accel_ddim_paper", "unipc_bh2_karras_zero", "dpmpp_2m_karras_zero", "ddim"):
+        for nm in ("accel_ddim", "accel_ddim_v2", "accel_ddim_paper", "unipc_bh2_karras_sigma_min", "ddim"):
             if nm in rows:
                 ax.plot(sec["nfe"], rows[nm]["rms"], marker="o", label=nm)
         ax.set_xscale("log")

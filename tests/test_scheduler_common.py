@@ -32,7 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.utils import logging
 
-from fastdiff.samplers.accelerated_ddim import AcceleratedDDIMScheduler
+from fastdiff.samplers.accelerated_ddim import FEW_STEP_SETTINGS, AcceleratedDDIMScheduler
 from fastdiff.samplers.dualfast import (
     AcceleratedDDIMDualFastScheduler,
     DDIMDualFastScheduler,
@@ -92,6 +92,9 @@ SPECS = {
     "accel_ddim_paper": Spec(AcceleratedDDIMScheduler, DDIMScheduler,
                              {"interpolation": "alphas_cumprod", "max_step_ratio": None}, {"solver_order": 1}),
     "accel_ddim_data": Spec(AcceleratedDDIMScheduler, DDIMScheduler, {"solver_space": "data"}, {"solver_order": 1}),
+    "accel_ddim_few_step": Spec(AcceleratedDDIMScheduler, DDIMScheduler, FEW_STEP_SETTINGS,  # the default's config
+                                {"solver_order": 1, "corrector_order": 0, "timestep_schedule": "spacing",
+                                 "low_step_switch": 0}),
     "accel_ddpm": Spec(AcceleratedDDIMScheduler, DDIMScheduler, {"stochastic": True}),
     "ddim_dualfast": Spec(DDIMDualFastScheduler, DDIMScheduler, {}, DUALFAST_OFF),
     "accel_ddim_dualfast": Spec(AcceleratedDDIMDualFastScheduler, DDIMScheduler, {},
@@ -323,7 +326,10 @@ def test_steps_offset(name):
     spec = SPECS[name]
     for offset in [0, 1]:
         check_over(spec, config={"steps_offset": offset})
-    sched = spec.cls(**spec.config(steps_offset=1))
+    # a config that picks its own grid (fastdiff's default: log-SNR / v2's trailing, both from the top) ignores
+    # timestep_spacing and steps_offset by design: the pinned DDIM grid is checked with the spacing grid
+    grid = {k: v for k, v in spec.off.items() if k in ("timestep_schedule", "low_step_switch")}
+    sched = spec.cls(**{**spec.config(steps_offset=1), **grid})
     sched.set_timesteps(5)
     if spec.base is DDIMScheduler:
         assert torch.equal(sched.timesteps, torch.LongTensor([801, 601, 401, 201, 1]))

@@ -54,8 +54,12 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "unipc": BuiltinSampler(_D, "UniPCMultistepScheduler", "UniPC bh2 (diffusers)"),
     "deis": BuiltinSampler(_D, "DEISMultistepScheduler", "DEIS 3rd order (diffusers)"),
     "accel_ddim": BuiltinSampler(_ACCEL, "few_step_scheduler",
-                                 "fastdiff's few-step sampler: accelerated DDIM update, 1 eval/step, trailing "
-                                 "grid (Li et al. 2024)"),
+                                 "fastdiff's few-step sampler: accelerated update in data space (x0 linear in "
+                                 "log-SNR) + free 3-point corrector, log-SNR-uniform grid, 1 eval/step"),
+    "accel_ddim_v2": BuiltinSampler(_ACCEL, "AcceleratedDDIMScheduler",
+                                    "fastdiff v2's few-step sampler: accelerated DDIM update, eps linear in sigma, "
+                                    "trailing grid below 10 steps, Karras from 10 (Li et al. 2024)",
+                                    {"timestep_schedule": "auto"}),
     "accel_ddim_paper": BuiltinSampler(_ACCEL, "paper_scheduler",
                                        "accelerated DDIM, the paper's update verbatim (eps linear in alpha-bar; "
                                        "Li et al. 2024)"),
@@ -69,8 +73,8 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "unipc_dualfast": BuiltinSampler(_DUAL, "UniPCMultistepDualFastScheduler",
                                      "UniPC + DualFast, the paper's form (Yu et al. 2025)"),
     "accel_ddim_dualfast": BuiltinSampler(_DUAL, "AcceleratedDDIMDualFastScheduler",
-                                          "fastdiff's few-step sampler + DualFast, the paper's form (Yu et al. 2025)",
-                                          {"timestep_schedule": "auto"}),  # the grid of accel_ddim
+                                          "fastdiff v2's few-step sampler + DualFast, the paper's form (Yu et al. "
+                                          "2025)", {"timestep_schedule": "auto"}),  # accel_ddim_v2 + DualFast
 }
 
 

@@ -486,12 +486,7 @@ def _accelerated_ddim(scheduler: Any, **_: Any) -> StepMap:
     if cfg.stochastic:
         return _make("accelerated_ddpm", scheduler, **common, b=coef.alpha_next, c=coef.eps_scale,
                      noise_scale=coef.noise_std, noise_drawn=torch.ones(num, dtype=torch.bool))
-    corr = coef.correction
-    b = torch.stack([coef.alpha_next, zero], 1)
-    c = torch.stack([coef.sigma_next, zero], 1)
-    d = c if coef.space == "noise" else b
-    d[:, 0] += corr
-    d[:, 1] -= corr
+    b, c = coef.linear_form()  # the multistep update, its corrector (if any) included
     return _make("accelerated_ddim", scheduler, **common, b=b, c=c)
 
 
