@@ -75,7 +75,8 @@ def _check_writable_dir(folder: str | Path, option: str) -> Path:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="a diffusers pipeline directory or hub id (default: the embedded digits model, offline)")
+                   help="a diffusers pipeline directory or hub id, or an embedded model: digits-unet (the "
+                        "class-conditional UNet) (default: the embedded digits transformer, offline)")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="prompt for text-conditioned models (repeat for several; cycled over the images)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")

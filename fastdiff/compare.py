@@ -139,14 +139,22 @@ class _CallCounter:
         self._handle.remove()
 
 
+# embedded models reachable by name (``--model digits-unet``), offline; the default (None) is the PixArt model
+EMBEDDED_MODELS = {"digits-unet": "load_embedded_unet_pipeline"}  # name -> loader in fastdiff.models.digits
+
+
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu"):
-    """The embedded digits pipeline (``model=None``), or any diffusers pipeline from a local directory or a
-    hub id (``DiffusionPipeline.from_pretrained``; hub ids need the network)."""
+    """The embedded digits pipeline (``model=None``), an embedded model by name (``"digits-unet"``: the
+    class-conditional UNet), or any diffusers pipeline from a local directory or a hub id
+    (``DiffusionPipeline.from_pretrained``; hub ids need the network)."""
+    from .models import digits
     from .models.digits import _check_device, load_embedded_pipeline
 
     dev = _check_device(device)
     if model is None:
         return load_embedded_pipeline(dev)
+    if model in EMBEDDED_MODELS:
+        return getattr(digits, EMBEDDED_MODELS[model])(dev)
     from diffusers import DiffusionPipeline
 
     try:

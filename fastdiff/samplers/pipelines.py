@@ -40,6 +40,7 @@ class _Adapter:
 
 _ADAPTERS: dict[str, _Adapter] = {
     "DigitsPipeline": _Adapter("transformer", "digits"),
+    "DigitsUNetPipeline": _Adapter("unet", "digits"),  # a DigitsPipeline subclass: found first in the MRO
     "DDPMPipeline": _Adapter("unet", "none"),
     "DDIMPipeline": _Adapter("unet", "none"),
     "StableDiffusionPipeline": _Adapter("unet", "cfg", rescale=True),
