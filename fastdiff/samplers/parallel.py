@@ -37,6 +37,11 @@ step's scale: an error early in the trajectory counts by how much it moves the o
 at least one more exact step, so ``K`` rounds always suffice, and ``tolerance=0`` reproduces sequential
 sampling to float precision. Nothing in a round reads device values on the host except the one packed
 progress flag per ``sync_every`` rounds.
+
+``model_switch`` (a :class:`fastdiff.samplers.pcm.ModelSwitch`, e.g. from a Picard Consistency Model) runs
+the first rounds of any method with another denoiser (PCM's model switching, So et al. 2025): those rounds
+apply the method's update but accept no point, and the base model takes over at ``stats.switch_round``,
+from where the solve is the usual one (so ``tolerance=0`` is still exact).
 """
 
 from __future__ import annotations
@@ -46,10 +51,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .steps import Denoiser, NonFiniteLatentError, StepMap, apply_step, denoise, model_input
+
+if TYPE_CHECKING:
+    from .pcm import ModelSwitch
 
 METHODS = ("picard", "jacobi", "newton", "gs_jacobi")
 # Default tolerance per method: Newton's is an a-posteriori error estimate on the final sample, the others a
@@ -74,6 +83,7 @@ class ParallelStats:
     residual: float = float("nan")  # rms update of the points changed in the last round (latent units)
     converged: bool = True  # False if a round or block budget ended the solve before the tolerance was met
     host_syncs: int = 0
+    switch_round: int | None = None  # with a model_switch: the first round run on the base model alone (1-based)
 
     @property
     def round_speedup(self) -> float:
@@ -102,6 +112,7 @@ def sample_parallel(
     sync_every: int = 1,
     block_iters: float | None = None,
     progress: Callable[[int], None] | None = None,
+    model_switch: ModelSwitch | None = None,
 ) -> tuple[torch.Tensor, ParallelStats]:
     """Sample ``x_K`` from ``x`` (= ``x_0``, already times ``init_noise_sigma``) by a parallel fixed-point solve.
 
@@ -134,6 +145,9 @@ def sample_parallel(
             trajectories a cap trades accuracy for rounds.
         progress: called with the number of steps accepted so far, at every host read (e.g. to drive a
             progress bar; :func:`fastdiff.parallel_sample` shows the pipeline's own bar).
+        model_switch: a :class:`fastdiff.samplers.pcm.ModelSwitch`: its ``switch_round`` first rounds (after
+            the free warm start) evaluate the window with ``model_switch.denoiser(j, denoiser)`` and accept
+            nothing; ``stats.switch_round`` is the first round on ``denoiser`` alone. Default: none.
 
     Returns:
         ``(x_K, stats)``. Raises :class:`~.steps.NonFiniteLatentError` naming the step whose exact update
@@ -144,11 +158,13 @@ def sample_parallel(
     check_options(method, window, tolerance, init, max_rounds, sync_every, data_variance=data_variance,
                   block_iters=block_iters)
     _check(step_map, denoiser, x, noise, first_output)
+    if model_switch is not None and not callable(getattr(model_switch, "denoiser", None)):
+        raise TypeError(f"model_switch must be a fastdiff.samplers.pcm.ModelSwitch, got {type(model_switch).__name__}")
     num = step_map.num_steps
     window = num if window is None else min(window, num)
     tolerance = DEFAULT_TOLERANCE[method] if tolerance is None else tolerance
     solver = _Solver(step_map, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every,
-                     progress)
+                     progress, model_switch)
     if method == "gs_jacobi":
         solver.run_blocks(max_rounds, block_iters, first_output)
     else:
@@ -350,7 +366,8 @@ def block_ranking(sm: StepMap, block: int) -> torch.Tensor:
 class _Solver:
     """Trajectory buffers and the round primitives shared by the sliding-window and block methods."""
 
-    def __init__(self, sm, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every, progress):
+    def __init__(self, sm, denoiser, x, noise, method, window, tolerance, init, data_variance, sync_every, progress,
+                 switch=None):
         num, self.B = sm.num_steps, x.shape[0]
         self.K, self.W, self.H = num, window, sm.history
         pad = 2 * window + 1  # room for a full window, and its extrapolation, past the last step
@@ -376,6 +393,7 @@ class _Solver:
         self.bad_step = torch.full((), num, dtype=torch.long, device=x.device)  # first exact non-finite step
         self.residual = torch.full((), float("nan"), dtype=torch.float64, device=x.device)
         self.stats = ParallelStats(method, num, window, float(tolerance))
+        self.switch, self.current = switch, denoiser  # the denoiser of the round being evaluated
 
     # ---------------------------------------------------------------- one evaluation of a window
     def evaluate(self, k: torch.Tensor, xs: torch.Tensor, real: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +403,7 @@ class _Solver:
         u = model_input(sm, k, xs)
         t = sm.timesteps.to(k.device)[k].repeat_interleave(self.B)
         inputs = u.flatten(0, 1)
-        out = self.den(inputs, t)
+        out = self.current(inputs, t)
         if not isinstance(out, torch.Tensor) or out.shape != inputs.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"denoiser returned {got} for model input of shape {tuple(inputs.shape)}: it must "
@@ -446,8 +464,9 @@ class _Solver:
             delta = linear_scan(J, c)
             new[1:] += _b(J[1:], f) * delta[:-1]
         finite = finite & torch.isfinite(new).flatten(1).all(1)
-        bad = (~finite[:exact]).int()
-        self.bad_step = torch.where(bad.any(), torch.minimum(self.bad_step, b + bad.argmax()), self.bad_step)
+        if exact:
+            bad = (~finite[:exact]).int()
+            self.bad_step = torch.where(bad.any(), torch.minimum(self.bad_step, b + bad.argmax()), self.bad_step)
         new = torch.where(_b(finite, new), new, old)
         err = change = _rms(delta)  # [n, B]
         if self.method == "newton":
@@ -517,6 +536,28 @@ class _Solver:
         self.traj[k + 1] = torch.where(ok, xs, self.traj[start].expand_as(xs))
 
     # ---------------------------------------------------------------- loops
+    def switch_phase(self, b_host: int, limit: int) -> None:
+        """Model switching: rounds ``j = 0 .. switch_round-1`` evaluate the first window with
+        ``switch.denoiser(j, base)`` and apply the method's update (every point of the window moves, none is
+        accepted: their inputs are not the base model's). Secant data of those rounds is dropped, so the base
+        phase that follows is the plain solve from an improved initial trajectory."""
+        sw, n = self.switch, min(self.W, self.K - b_host)
+        if sw is None or n <= 0:
+            return
+        b = self.begin
+        k = b + torch.arange(n, device=b.device)
+        for j in range(sw.switch_round):
+            if self.stats.rounds >= limit:
+                break
+            self.current = sw.denoiser(j, self.den)
+            x0, eps = self.evaluate(k, self.traj[k], n)
+            self.update(b, k, x0, eps, exact=0)
+            self.extend(b + n, b + n - 1)
+        self.current = self.den
+        self.seen.zero_()
+        self.last_change.zero_()
+        self.stats.switch_round = self.stats.rounds + 1
+
     def warm_start(self, first_output: torch.Tensor | None) -> None:
         """Round-0 initial trajectory; with a known first output, step 0 is taken exactly for free."""
         zero = self.begin
@@ -540,8 +581,10 @@ class _Solver:
         """Picard / Jacobi / Newton: the window slides to the first point not yet within tolerance."""
         K, W = self.K, self.W
         self.warm_start(first_output)
-        limit = max_rounds if max_rounds is not None else K + 1
+        extra = self.switch.switch_round if self.switch is not None else 0
+        limit = max_rounds if max_rounds is not None else K + 1 + extra
         b_host, n = (1 if first_output is not None else 0), min(W, K)
+        self.switch_phase(b_host, limit)
         while self.stats.rounds < limit:
             if b_host >= K:
                 break
@@ -572,8 +615,10 @@ class _Solver:
         K, W = self.K, self.W
         crm = block_ranking(self.sm, W)[: math.ceil(K / W)]
         self.warm_start(first_output)
-        limit = max_rounds if max_rounds is not None else 2 * K + 1
+        extra = self.switch.switch_round if self.switch is not None else 0
+        limit = max_rounds if max_rounds is not None else 2 * K + 1 + extra
         start = 1 if first_output is not None else 0
+        self.switch_phase(start, limit)
         converged = True
         for blk, s in enumerate(range(0, K, W)):
             lo, hi = max(s, start), min(s + W, K)

@@ -83,6 +83,7 @@ def parallel_sample(
     max_rounds: int | None = None,
     sync_every: int = 1,
     distributed: bool | None = None,
+    pcm: Any = None,
     **pipe_kwargs: Any,
 ) -> ParallelPipelineOutput | tuple:
     """``pipe(*args, **pipe_kwargs)``, sampled by a parallel-in-time fixed-point solve.
@@ -97,10 +98,18 @@ def parallel_sample(
     ``distributed`` splits each window across the ``torch.distributed`` processes (default: when a process
     group with more than one process is initialised); every process then returns the same images.
     Step callbacks (``callback_on_step_end``) run once, after the solve, on the final latents.
+    ``pcm`` (a :class:`fastdiff.samplers.pcm.PicardConsistencyModel`, its directory, or ``"embedded"`` for the
+    shipped digits PCM) accelerates the first rounds by PCM model switching, with any ``method``; the
+    result still converges to the base model's (``stats.switch_round``: the first round on the base model).
     """
     adapter = _adapter_for(pipe)
     check_options(method, window, tolerance, init, max_rounds, sync_every)  # before the pipeline runs
     _check_scheduler(pipe.scheduler)
+    if pcm is not None:
+        from .pcm import resolve_pcm
+
+        pcm = resolve_pcm(pcm)
+        pcm.check_base(getattr(pipe, adapter.model), pipe.scheduler)
     if pipe_kwargs.get("denoising_end") is not None:
         raise ValueError("denoising_end is not supported by parallel sampling")
     signature = inspect.signature(type(pipe).__call__)
@@ -112,7 +121,7 @@ def parallel_sample(
         run_call.arguments["return_dict"] = True
     options = dict(method=method, window=window, tolerance=tolerance, init=init, max_rounds=max_rounds,
                    sync_every=sync_every)
-    run = _ParallelRun(pipe, adapter, dict(call.arguments), options, distributed)
+    run = _ParallelRun(pipe, adapter, dict(call.arguments), options, distributed, pcm)
     with run:
         output = pipe(*run_call.args[1:], **run_call.kwargs)
     if run.stats is None:
@@ -143,8 +152,9 @@ def _check_scheduler(scheduler: Any) -> None:
 class _ParallelRun:
     """Context manager: cut the pipeline's loop to one iteration and solve the trajectory in ``step``."""
 
-    def __init__(self, pipe: Any, adapter: _Adapter, call: dict, options: dict, distributed: bool | None) -> None:
-        self.pipe, self.adapter, self.call, self.options = pipe, adapter, call, options
+    def __init__(self, pipe: Any, adapter: _Adapter, call: dict, options: dict, distributed: bool | None,
+                 pcm: Any = None) -> None:
+        self.pipe, self.adapter, self.call, self.options, self.pcm = pipe, adapter, call, options, pcm
         self.distributed = distributed
         self.scheduler = pipe.scheduler
         self.model = getattr(pipe, adapter.model)
@@ -220,26 +230,41 @@ class _ParallelRun:
         x = sample.to(dtype)
         noise = draw_noise(sm, tuple(x.shape), kw.get("generator"), device=x.device, dtype=sample.dtype)
         denoiser = self.denoiser(state_batch=x.shape[0])
-        if self.distributed or (self.distributed is None and _world_size() > 1):
+        split = self.distributed or (self.distributed is None and _world_size() > 1)
+        if split:
             denoiser = split_denoiser(denoiser, x.shape[0])
+        switch = None
+        if self.pcm is not None:  # PCM's model switching: the same glue around the PCM network
+            def glue(network: Any) -> Denoiser:
+                d = self.denoiser(state_batch=x.shape[0], network=network)
+                return split_denoiser(d, x.shape[0]) if split else d
+
+            switch = self.pcm.switch(glue, self.model)
         with self.pipe.progress_bar(total=sm.num_steps) as bar:
             bar.set_description(f"parallel {self.options['method']}: steps accepted")
             out, self.stats = sample_parallel(
                 sm, denoiser, x, None if noise is None else noise.to(dtype), first_output=model_output.to(dtype),
-                progress=lambda done: bar.update(done - bar.n), **self.options,
+                progress=lambda done: bar.update(done - bar.n), model_switch=switch, **self.options,
             )
         return out.to(sample.dtype)
 
-    def denoiser(self, state_batch: int) -> Denoiser:
+    def denoiser(self, state_batch: int, network: Any = None) -> Denoiser:
         """``f(u [n*S, ...], t [n*S]) -> model_output [n*S, ...]`` reproducing one loop iteration for ``n``
-        trajectory points of ``S`` state samples each."""
+        trajectory points of ``S`` state samples each (with ``network`` in place of the pipeline's model)."""
         if self.recorded is None:
             raise RuntimeError("parallel_sample: the pipeline's model call was not observed")
         args, kwargs = self.recorded
         ad = self.adapter
         if ad.guidance == "digits":
             _, _, ehs, scale = args
-            return functools.partial(_digits_denoiser, self.predict, ehs, scale, state_batch)
+            predict = self.predict
+            if network is not None:
+                from .pcm import using_network
+
+                def predict(*a: Any, _p=self.predict) -> torch.Tensor:
+                    with using_network(self.pipe, ad.model, network):
+                        return _p(*a)
+            return functools.partial(_digits_denoiser, predict, ehs, scale, state_batch)
         first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         rest_args, kw = list(args[1:]), {k: v for k, v in kwargs.items() if k not in ("sample", "hidden_states")}
         model_batch = first.shape[0]
@@ -253,7 +278,7 @@ class _ParallelRun:
             mode = "dit" if guidance > 1 else "none"
         else:
             mode = "none"
-        model, dtype = self.model, first.dtype
+        model, dtype = (self.model if network is None else network), first.dtype
 
         def denoise(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             n = u.shape[0] // state_batch

@@ -1,0 +1,516 @@
+"""Picard Consistency Model (PCM; So, Shin, Jang & Park, CVPR 2025, arXiv 2503.19731): a trained accelerator
+for parallel sampling that still converges exactly to the base model's sequential sample.
+
+Sources. The arXiv HTML's abstract and its Figure 2 caption could be read (through the ``pages`` search
+corpus); the method section's equations could not, and no official code was found (``/work/shared/anchors.md``:
+"no public code found"). Each formula below says where it comes from: **[paper]** the abstract / Figure 2
+caption, **[ParaDiGMS]** Shih et al. 2023 (arXiv 2305.16317, the Picard iteration PCM accelerates),
+**[fastdiff]** a choice of ours, named as such.
+
+Picard iteration [ParaDiGMS]. With the sampler's step map ``x_{k+1} = F_k(x_k, f_theta(x_k, t_k))``
+(:mod:`fastdiff.samplers.steps`) over ``K`` steps, a trajectory ``X = (x_0 .. x_K)`` is updated by
+
+    (1)  Phi_theta(X)_{k+1} = x_0 + sum_{j <= k} ( F_j(x_j, f_theta(x_j, t_j)) - x_j ),       k = 0 .. K-1
+
+(the cumulative-drift update, ``method="picard"`` of :func:`~fastdiff.samplers.parallel.sample_parallel`),
+and ``X^{r+1} = Phi_theta_base(X^r)`` converges to the fixed point ``X*``: sequential sampling.
+
+Picard consistency training [paper, Fig. 2: "training with a loss function that minimizes the distance between
+a random point on the Picard trajectory and the fixed-point solution X*"]. The PCM predictor ``theta_PCM`` (the
+base architecture, initialised from ``theta_base``, fine-tuned in full here) is trained so that one Picard
+update with it, from any iterate ``X^r`` of the base model's Picard trajectory, lands on the fixed point:
+
+    (2)  L(theta) = E_{x_0, c, r ~ U{0..R-1}} [ mean_k || Phi_theta(X^r)_{k+1} - X*_{k+1} ||^2 ]
+
+``X^r`` and ``X*`` are produced by the frozen base model (:func:`picard_trajectories`, [paper] "a random point
+on the Picard trajectory"); ``d`` = mean squared error, ``R`` (``rounds``), the iterate distribution (the
+engine's own iterates: warm start with the base's first output, Gaussian-model extrapolation, window = ``K``,
+tolerance 0) and training on several step grids at once are [fastdiff]. The trained weights are the EMA of the
+training weights ([paper]: "EMA stabilization"; the training script's ``train.ema_decay``).
+
+Model switching [paper: "we smoothly transition from our trained model theta_PCM to the original model
+theta_base using a scheduling function lambda(k) in feature space or weight space through LoRA"]. Picard
+iteration ``k`` evaluates
+
+    (3a) feature space:  f_k(x, t) = lambda(k) f_theta_PCM(x, t) + (1 - lambda(k)) f_theta_base(x, t)
+    (3b) weight space:   f_k(x, t) = f_{theta_base + lambda(k) Delta}(x, t),   Delta = theta_PCM - theta_base
+
+with ``lambda`` decreasing to 0, so the iteration ends as the base model's and converges to its fixed point.
+The paper's ``Delta`` is a LoRA adapter (``lambda`` scales it); fastdiff's shipped PCM is a full fine-tune,
+so (3b) interpolates all weights, which is the same map for a low-rank ``Delta`` [fastdiff]. The schedule
+shapes (:data:`SCHEDULES`: ``"step"`` 1 then 0, ``"linear"`` ``1 - k/s``, ``"cosine"``) over ``s =
+switch_rounds`` iterations are [fastdiff] (the paper's exact ``lambda(k)`` could not be read). (3a) needs both
+models in the rounds with ``0 < lambda < 1`` (two batched calls), (3b) one.
+
+Exactness [fastdiff]. Inside :func:`~fastdiff.samplers.parallel.sample_parallel` the ``lambda > 0`` rounds
+move every point of the first window but accept none; the base model takes over at ``stats.switch_round``
+and from there the method is unchanged (every round accepts at least one exact step), so any method works with
+a switch and ``tolerance=0`` reproduces sequential sampling to float precision.
+
+Checkpoints (:class:`PicardConsistencyModel`) record a fingerprint of the base weights and of the noise
+schedule (``alphas_cumprod``, prediction type); using one with another base model or schedule raises a
+``ValueError`` that names the mismatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .parallel import sample_parallel
+from .steps import Denoiser, StepMap, apply_step, denoise, model_input, sample_sequential, step_map_for
+
+SCHEDULES = ("step", "linear", "cosine")
+SPACES = ("feature", "weight")
+CONFIG_NAME = "pcm_config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+EMBEDDED_PCM_DIR = Path(__file__).resolve().parents[1] / "models" / "digits_pcm"
+
+
+# ------------------------------------------------------------------------------------------- lambda(k)
+def switch_lambdas(schedule: str = "step", switch_rounds: int = 1) -> tuple[float, ...]:
+    """``lambda(k)`` for ``k = 0 .. switch_rounds-1`` (all > 0; ``lambda(k) = 0`` from ``switch_rounds`` on).
+
+    ``"step"``: 1; ``"linear"``: ``1 - k / switch_rounds``; ``"cosine"``: ``(1 + cos(pi k / switch_rounds)) / 2``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(switch_rounds, int) or isinstance(switch_rounds, bool) or switch_rounds < 0:
+        raise ValueError(f"switch_rounds must be an int >= 0, got {switch_rounds!r}")
+    s = switch_rounds
+    if schedule == "step":
+        return (1.0,) * s
+    if schedule == "linear":
+        return tuple(1 - k / s for k in range(s))
+    return tuple(0.5 * (1 + math.cos(math.pi * k / s)) for k in range(s))
+
+
+@dataclass(frozen=True)
+class ModelSwitch:
+    """The rounds before the switch to the base model, for :func:`~fastdiff.samplers.parallel.sample_parallel`.
+
+    Args:
+        accelerated: ``lam -> denoiser``: in ``"feature"`` space the PCM denoiser (called with ``lam = 1``), in
+            ``"weight"`` space the denoiser with weights ``theta_base + lam (theta_PCM - theta_base)``.
+        lambdas: ``lambda(k)`` of the rounds before the switch (:func:`switch_lambdas`), each in ``(0, 1]``.
+        space: ``"feature"`` (eq. 3a) or ``"weight"`` (eq. 3b).
+    """
+
+    accelerated: Callable[[float], Denoiser]
+    lambdas: tuple[float, ...] = (1.0,)
+    space: str = "feature"
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if not callable(self.accelerated):
+            raise TypeError(f"accelerated must be callable as accelerated(lam) -> denoiser, got "
+                            f"{type(self.accelerated).__name__}")
+        if any(not (0 < float(v) <= 1) for v in self.lambdas):
+            raise ValueError(f"lambdas must lie in (0, 1] (rounds with lambda = 0 are the base model's), got "
+                             f"{self.lambdas}")
+
+    @classmethod
+    def feature(cls, pcm_denoiser: Denoiser, schedule: str = "step", switch_rounds: int = 1) -> ModelSwitch:
+        """Feature-space switching (eq. 3a) to a PCM given as a plain denoiser."""
+        return cls(lambda lam: pcm_denoiser, switch_lambdas(schedule, switch_rounds), "feature")
+
+    @property
+    def switch_round(self) -> int:
+        """How many rounds run before the base model takes over."""
+        return len(self.lambdas)
+
+    def denoiser(self, k: int, base: Denoiser) -> Denoiser:
+        """The denoiser of switching round ``k`` (eq. 3a / 3b)."""
+        lam = float(self.lambdas[k])
+        if self.space == "weight" or lam == 1.0:
+            return self.accelerated(lam)
+        pcm = self.accelerated(1.0)
+        return lambda u, t: lam * pcm(u, t) + (1 - lam) * base(u, t)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def fingerprint_module(module: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a module's parameters and buffers, names and values."""
+    h = hashlib.sha256()
+    for name, v in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_schedule(scheduler: Any) -> dict:
+    """What a PCM depends on in the noise schedule: ``alphas_cumprod`` (hashed) and the prediction type."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: PCM needs a DDPM-family schedule")
+    digest = hashlib.sha256(torch.as_tensor(ac).to(torch.float64).numpy().round(10).tobytes()).hexdigest()[:16]
+    return {"alphas_cumprod": digest, "num_train_timesteps": int(len(ac)),
+            "prediction_type": str(scheduler.config.get("prediction_type", "epsilon"))}
+
+
+class PicardConsistencyModel:
+    """A trained PCM predictor for one base model and noise schedule, with its model-switching settings.
+
+    Args:
+        model: the PCM denoiser network (the base architecture, fine-tuned).
+        meta: what it was trained for: ``base_fingerprint``, ``schedule`` (:func:`fingerprint_schedule`),
+            ``guidance_scale``, ``grids`` and the training settings.
+        schedule, switch_rounds, space: the switching of :class:`ModelSwitch` (defaults: the checkpoint's
+            ``inference`` entry, else ``"step"``, 1, ``"feature"``).
+    """
+
+    def __init__(self, model: nn.Module, meta: dict, schedule: str | None = None, switch_rounds: int | None = None,
+                 space: str | None = None) -> None:
+        inference = meta.get("inference", {})
+        self.model, self.meta = model.eval().requires_grad_(False), meta
+        self.schedule = schedule or inference.get("schedule", "step")
+        self.switch_rounds = inference.get("switch_rounds", 1) if switch_rounds is None else switch_rounds
+        self.space = space or inference.get("space", "feature")
+        switch_lambdas(self.schedule, self.switch_rounds)  # validates both
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        self._blend: nn.Module | None = None
+
+    # ---------------------------------------------------------------- io
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options: Any) -> PicardConsistencyModel:
+        """Load a PCM directory (``pcm_config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+        import diffusers
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"{path} is not a PCM checkpoint (no {CONFIG_NAME})")
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        model_cls = getattr(diffusers, meta["class_name"])
+        model = model_cls.from_config(meta["model_config"])
+        model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        return cls(model, meta, **options)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_pcm(self.model, self.meta, path)
+
+    # ---------------------------------------------------------------- compatibility
+    def check_base(self, base_model: nn.Module, scheduler: Any) -> None:
+        """Raise ``ValueError`` if ``base_model`` / ``scheduler`` are not what this PCM was trained for."""
+        if type(base_model).__name__ != self.meta["class_name"]:
+            raise ValueError(f"this PCM was trained for a {self.meta['class_name']} base model, got "
+                             f"{type(base_model).__name__}")
+        got = fingerprint_module(base_model)
+        if got != self.meta["base_fingerprint"]:
+            raise ValueError(f"this PCM was trained for another base model (weights fingerprint "
+                             f"{self.meta['base_fingerprint']}, the pipeline's is {got}); train one for this model "
+                             "with `fastdiff train --config digits_pcm` (model.config.base)")
+        want, have = self.meta["schedule"], fingerprint_schedule(scheduler)
+        if want != have:
+            diff = ", ".join(f"{k}: trained {want.get(k)!r}, got {have.get(k)!r}" for k in have if want.get(k) != have[k])
+            raise ValueError(f"this PCM was trained for another noise schedule ({diff})")
+
+    # ---------------------------------------------------------------- switching
+    def switch(self, make_denoiser: Callable[[nn.Module], Denoiser], base_model: nn.Module) -> ModelSwitch:
+        """The :class:`ModelSwitch` for a base denoiser glue ``make_denoiser(network) -> denoiser`` (the same
+        conditioning / guidance with another network in place of ``base_model``)."""
+        lambdas = switch_lambdas(self.schedule, self.switch_rounds)
+        device = next(base_model.parameters()).device
+        dtype = next(base_model.parameters()).dtype
+        self.model.to(device, dtype)
+        if self.space == "feature":
+            pcm = make_denoiser(self.model)
+            return ModelSwitch(lambda lam: pcm, lambdas, "feature")
+
+        def at(lam: float) -> Denoiser:
+            if lam == 1.0:
+                return make_denoiser(self.model)
+            if self._blend is None:
+                self._blend = copy.deepcopy(self.model)
+            self._blend.to(device, dtype)
+            with torch.no_grad():
+                for pb, pp, pw in zip(base_model.parameters(), self.model.parameters(), self._blend.parameters()):
+                    pw.copy_(pb + lam * (pp - pb))
+            return make_denoiser(self._blend)
+
+        return ModelSwitch(at, lambdas, "weight")
+
+    def with_options(self, **options: Any) -> PicardConsistencyModel:
+        """The same PCM with other ``schedule`` / ``switch_rounds`` / ``space``."""
+        cur = {"schedule": self.schedule, "switch_rounds": self.switch_rounds, "space": self.space}
+        return PicardConsistencyModel(self.model, self.meta, **{**cur, **options})
+
+
+def save_pcm(model: nn.Module, meta: dict, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS_NAME))
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_embedded_pcm(**options: Any) -> PicardConsistencyModel:
+    """The shipped PCM of the embedded digits model (``fastdiff/models/digits_pcm``)."""
+    return PicardConsistencyModel.from_pretrained(EMBEDDED_PCM_DIR, **options)
+
+
+def resolve_pcm(pcm: Any) -> PicardConsistencyModel:
+    """A :class:`PicardConsistencyModel` from itself, ``"embedded"`` (the shipped digits PCM) or a directory."""
+    if isinstance(pcm, PicardConsistencyModel):
+        return pcm
+    if isinstance(pcm, (str, Path)):
+        return load_embedded_pcm() if str(pcm) == "embedded" else PicardConsistencyModel.from_pretrained(pcm)
+    raise TypeError(f"pcm must be a PicardConsistencyModel, a PCM directory or 'embedded', got {type(pcm).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- training data
+@contextlib.contextmanager
+def using_network(pipe: Any, attr: str, module: nn.Module) -> Iterator[None]:
+    """``pipe.<attr>`` replaced by ``module`` inside the block (the pipeline's own glue around another network)."""
+    original = getattr(pipe, attr)
+    pipe.__dict__[attr] = module  # diffusers registers modules as plain attributes
+    try:
+        yield
+    finally:
+        pipe.__dict__[attr] = original
+
+
+def digits_denoiser(pipe: Any, labels: torch.Tensor, guidance_scale: float,
+                    network: nn.Module | None = None) -> Denoiser:
+    """``(u [n*B], t [n*B]) -> eps`` of a ``DigitsPipeline`` on ``B`` class labels (window-major), optionally
+    with another transformer in place of ``pipe.transformer``."""
+    ehs = pipe.encode_class_labels(labels.tolist(), 1, guidance_scale > 1)
+    batch = len(labels)
+
+    def f(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = u.shape[0] // batch
+        e = torch.cat([ehs[:batch].repeat(n, 1, 1), ehs[batch:].repeat(n, 1, 1)]) if guidance_scale > 1 \
+            else ehs.repeat(n, 1, 1)
+        with using_network(pipe, "transformer", network) if network is not None else contextlib.nullcontext():
+            return pipe.predict_noise(u, t, e, guidance_scale)
+
+    return f
+
+
+@dataclass
+class Trajectories:
+    """Base-model Picard iterates of one step grid: ``states[r, i]`` is ``X^r`` (``[K, ...]``, points ``0..K-1``)
+    of trajectory ``i``, ``reference[i]`` its fixed point ``X*`` (``[K+1, ...]``), ``labels[i]`` its class."""
+
+    step_map: StepMap
+    states: torch.Tensor  # [R, N, K, ...]
+    reference: torch.Tensor  # [N, K+1, ...]
+    labels: torch.Tensor  # [N]
+
+
+@torch.no_grad()
+def picard_trajectories(step_map: StepMap, denoiser_for: Callable[[torch.Tensor], Denoiser], x: torch.Tensor,
+                        labels: torch.Tensor, rounds: int, chunk: int = 16) -> Trajectories:
+    """The base model's Picard iterates ``X^0 .. X^{rounds-1}`` and fixed points for initial latents ``x``.
+
+    Runs :func:`~fastdiff.samplers.parallel.sample_parallel` (``method="picard"``, window ``K``, tolerance 0,
+    the base model's first output as warm start: the iterates parallel sampling itself starts from) with a
+    recording denoiser: round ``r``'s inputs are ``X^r`` on its window; points before the window are
+    converged, i.e. equal to ``X*``. ``denoiser_for(labels)`` is the base denoiser for a chunk's labels."""
+    import warnings
+
+    K = step_map.num_steps
+    states, refs = [], []
+    sm = step_map.to(x.device, x.dtype)
+    for s in range(0, len(x), chunk):
+        xb, lb = x[s:s + chunk], labels[s:s + chunk]
+        den = denoiser_for(lb)
+        ref = sample_sequential(sm, den, xb, return_trajectory=True)  # [K+1, B, ...]
+        rec: list[torch.Tensor] = []
+        recording = _recorder(sm, den, ref, rec, len(xb))
+        first = den(model_input(sm, torch.zeros(1, dtype=torch.long), xb[None])[0], sm.timesteps[:1].expand(len(xb)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # stopped on purpose by max_rounds
+            sample_parallel(sm, recording, xb, method="picard", window=K, tolerance=0.0, first_output=first,
+                            max_rounds=rounds + 1)
+        rec = rec[:rounds] if K > 1 else [ref[:1]]
+        while len(rec) < rounds:  # converged before `rounds`: the remaining iterates are the fixed point
+            rec.append(ref[:K])
+        states.append(torch.stack(rec).transpose(1, 2))  # [R, B, K, ...]
+        refs.append(ref.transpose(0, 1))
+    return Trajectories(step_map, torch.cat(states, 1), torch.cat(refs), labels.clone())
+
+
+def _recorder(sm: StepMap, den: Denoiser, ref: torch.Tensor, rec: list, batch: int) -> Denoiser:
+    """``den``, appending each call's full iterate (converged prefix from ``ref`` + the window's states) to ``rec``."""
+    K = sm.num_steps
+
+    def recording(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = u.shape[0] // batch
+        b = int((sm.timesteps == t[0].to(sm.timesteps.dtype)).nonzero()[0])
+        k = b + torch.arange(min(n, K - b))
+        xs = u.view(n, batch, *u.shape[1:])[: K - b] / _bc(sm.input_scale[k], u)
+        rec.append(torch.cat([ref[:b], xs]))
+        return den(u, t)
+
+    return recording
+
+
+def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim))).to(like.dtype)
+
+
+def picard_update(sm: StepMap, states: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) for a batch of full trajectories: ``states`` ``[N, K, ...]`` (points ``0..K-1``) and the model
+    output at them ``[N, K, ...]`` -> ``Phi(X)`` at points ``1..K`` (``[N, K, ...]``). One-step samplers only."""
+    if sm.history:
+        raise ValueError(f"Picard consistency training supports one-step samplers (DDIM, DDPM), got {sm.name!r}")
+    K = sm.num_steps
+    k = torch.arange(K, device=states.device)
+    xs, out = states.transpose(0, 1), output.transpose(0, 1)  # [K, N, ...]
+    x0, eps = denoise(sm, k, xs, out)
+    drift = apply_step(sm, k, xs, x0, eps) - xs
+    return (xs[:1] + drift.cumsum(0)).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------- training module
+DEFAULT_TRAIN_CONFIG: dict = {
+    "base": "embedded",  # the base DigitsPipeline: "embedded" or a saved pipeline directory
+    "grids": [["ddim", 25], ["ddim", 50], ["ddim", 100]],  # step grids whose Picard trajectories are learned
+    "trajectories": [96, 48, 24],  # trajectories per grid (cached at the first step)
+    "rounds": 6,  # R: iterates X^0 .. X^{R-1} of each trajectory
+    "points_per_step": 100,  # trajectory points per training step (trajectories = points // K)
+    "guidance_scale": 1.0,
+    "seed": 1234,  # the cache's initial latents (benchmarks use other seeds)
+    "inference": {"schedule": "step", "switch_rounds": 1, "space": "feature"},
+}
+
+
+class PCMTrainer(nn.Module):
+    """Picard consistency training (eq. 2) through ``fastdiff.training.train``'s model-with-own-objective seam.
+
+    ``training_loss(images, noise, labels)`` ignores the data batch (PCM is data-free: targets come from the
+    frozen base model) and takes one step's trajectories from the cache built at the first call;
+    ``save_pretrained`` writes a :class:`PicardConsistencyModel` checkpoint (the training script's EMA weights).
+    Only ``self.model`` (a copy of the base transformer) is trained; the base pipeline is held outside the
+    module's parameters.
+    """
+
+    def __init__(self, config: dict | None = None) -> None:
+        super().__init__()
+        cfg = {**DEFAULT_TRAIN_CONFIG, **(config or {})}
+        unknown = set(cfg) - set(DEFAULT_TRAIN_CONFIG)
+        if unknown:
+            raise ValueError(f"unknown PCM model.config keys {sorted(unknown)}; allowed: {sorted(DEFAULT_TRAIN_CONFIG)}")
+        grids = [tuple(g) for g in cfg["grids"]]
+        if any(len(g) != 2 or g[0] not in ("ddim", "ddpm") or not isinstance(g[1], int) or g[1] < 1 for g in grids):
+            raise ValueError(f"model.config.grids must be [kind, steps] pairs with kind 'ddim' or 'ddpm', got {cfg['grids']}")
+        if len(cfg["trajectories"]) != len(grids):
+            raise ValueError("model.config.trajectories needs one count per grid")
+        if not isinstance(cfg["rounds"], int) or cfg["rounds"] < 1:
+            raise ValueError(f"model.config.rounds must be an int >= 1, got {cfg['rounds']!r}")
+        self.cfg, self.grids = cfg, grids
+        pipe = _load_base(cfg["base"])
+        object.__setattr__(self, "_pipe", pipe)  # frozen, not a submodule: no optimizer / EMA state for it
+        self.model = copy.deepcopy(pipe.transformer).requires_grad_(True)
+        self.config = self.model.config  # the training script reads model.config (sample size, channels)
+        self._cache: list[Trajectories] | None = None
+        self._gen = torch.Generator().manual_seed(int(cfg["seed"]) + 1)
+        self._step = 0
+
+    @property
+    def pipe(self):
+        return self._pipe
+
+    def _grid_map(self, kind: str, steps: int) -> StepMap:
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        sched = (DDIMScheduler if kind == "ddim" else DDPMScheduler).from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        return step_map_for(sched)
+
+    def build_cache(self) -> list[Trajectories]:
+        pipe, g = self.pipe, float(self.cfg["guidance_scale"])
+        shape = (self.model.config.in_channels, self.model.config.sample_size, self.model.config.sample_size)
+        gen = torch.Generator().manual_seed(int(self.cfg["seed"]))
+        out = []
+        for (kind, steps), n in zip(self.grids, self.cfg["trajectories"]):
+            if kind == "ddpm":
+                raise ValueError("Picard consistency training on stochastic (DDPM) grids is not supported")
+            x = torch.randn((n, *shape), generator=gen)
+            labels = torch.arange(n) % 10
+            out.append(picard_trajectories(self._grid_map(kind, steps), lambda lb: digits_denoiser(pipe, lb, g),
+                                           x, labels, self.cfg["rounds"]))
+            print(f"PCM cache: {kind.upper()}-{steps}, {n} trajectories x {self.cfg['rounds']} iterates", flush=True)
+        return out
+
+    def training_loss(self, images: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Eq. (2) on one grid's trajectories (grids in turn, trajectories and rounds drawn at random)."""
+        if self._cache is None:
+            self._cache = self.build_cache()
+        data = self._cache[self._step % len(self._cache)]
+        self._step += 1
+        R, N, K = data.states.shape[:3]
+        n = max(1, int(self.cfg["points_per_step"]) // K)
+        idx = torch.randint(N, (n,), generator=self._gen)
+        r = torch.randint(R, (n,), generator=self._gen)
+        device = next(self.model.parameters()).device
+        states = data.states[r, idx].to(device)  # [n, K, ...]
+        target = data.reference[idx, 1:].to(device)
+        sm = data.step_map.to(device, states.dtype)
+        k = torch.arange(K, device=device).repeat(n)  # item-major: trajectory i, point k
+        u = model_input(sm, k, states.flatten(0, 1))
+        t = sm.timesteps[k]
+        lab = data.labels[idx].repeat_interleave(K)
+        den = digits_denoiser(self.pipe, lab, float(self.cfg["guidance_scale"]), self.model)
+        out = den(u, t).view_as(states)
+        phi = picard_update(sm, states, out)
+        return (phi - target).pow(2).mean()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_pcm(self.model, self.metadata(), path)
+
+    def metadata(self) -> dict:
+        return pcm_metadata(self.pipe.transformer, self.pipe.scheduler, float(self.cfg["guidance_scale"]),
+                            self.grids, {k: self.cfg[k] for k in ("trajectories", "rounds", "points_per_step", "seed",
+                                                                  "base")}, self.cfg["inference"])
+
+
+def pcm_metadata(base_model: nn.Module, scheduler: Any, guidance_scale: float = 1.0,
+                 grids: Sequence[tuple[str, int]] = (), training: dict | None = None,
+                 inference: dict | None = None) -> dict:
+    """What a PCM checkpoint records: the base architecture and its fingerprint, the schedule's fingerprint,
+    the guidance and grids it was trained on, and its default switching (``inference``)."""
+    return {
+        "format": "fastdiff-pcm-1", "class_name": type(base_model).__name__, "model_config": dict(base_model.config),
+        "base_fingerprint": fingerprint_module(base_model), "schedule": fingerprint_schedule(scheduler),
+        "guidance_scale": float(guidance_scale), "grids": [list(g) for g in grids], "training": dict(training or {}),
+        "inference": dict(inference or {}),
+        "paper": "So et al., PCM: Picard Consistency Model, CVPR 2025, arXiv 2503.19731",
+    }
+
+
+def _load_base(base: str):
+    if base == "embedded":
+        from fastdiff.models.digits import load_embedded_pipeline
+
+        pipe = load_embedded_pipeline()
+    else:
+        from fastdiff.models.digits import DigitsPipeline
+
+        pipe = DigitsPipeline.from_pretrained(base, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.transformer, pipe.class_embedder):
+        m.requires_grad_(False).eval()
+    return pipe
+
+
+__all__ = [
+    "DEFAULT_TRAIN_CONFIG", "EMBEDDED_PCM_DIR", "SCHEDULES", "SPACES", "ModelSwitch", "PCMTrainer",
+    "PicardConsistencyModel", "Trajectories", "digits_denoiser", "fingerprint_module", "fingerprint_schedule",
+    "load_embedded_pcm", "pcm_metadata", "picard_trajectories", "picard_update", "resolve_pcm", "save_pcm", "switch_lambdas",
+    "using_network",
+]

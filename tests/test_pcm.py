@@ -1,0 +1,200 @@
+"""Picard Consistency Model: the Picard update against the engine, model switching's exactness with every
+method, the weight-space blend, checkpoint compatibility errors, the training seam and the shipped PCM."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import diffusers as d
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.samplers.parallel import METHODS, sample_parallel
+from fastdiff.samplers.pcm import (
+    EMBEDDED_PCM_DIR,
+    ModelSwitch,
+    PicardConsistencyModel,
+    digits_denoiser,
+    load_embedded_pcm,
+    pcm_metadata,
+    picard_trajectories,
+    picard_update,
+    switch_lambdas,
+)
+from fastdiff.samplers.steps import draw_noise, sample_sequential, step_map_for
+from fastdiff.testing import SD_SCHEDULER_CONFIG, make_gaussian_mixture
+
+ORACLE = make_gaussian_mixture(dim=16, num_components=4)
+OTHER = make_gaussian_mixture(dim=16, num_components=4, seed=3)  # a wrong "PCM": exactness must not depend on it
+
+
+def _oracle_setup(kind: str, steps: int = 10, batch: int = 2):
+    sched = (d.DDIMScheduler if kind == "ddim" else d.DDPMScheduler).from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    sm = step_map_for(sched)
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = draw_noise(sm, tuple(x.shape), torch.Generator().manual_seed(1), dtype=x.dtype) if sm.stochastic else None
+    return sm, x, noise, sample_sequential(sm, ORACLE, x, noise)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = fastdiff.load_embedded_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_switch_lambdas():
+    assert switch_lambdas("step", 2) == (1.0, 1.0)
+    assert switch_lambdas("linear", 4) == (1.0, 0.75, 0.5, 0.25)
+    assert switch_lambdas("cosine", 2) == pytest.approx((1.0, 0.5))
+    assert switch_lambdas("linear", 0) == ()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        switch_lambdas("exp", 1)
+    with pytest.raises(ValueError, match="switch_rounds"):
+        switch_lambdas("step", -1)
+    with pytest.raises(ValueError, match="space must be one of"):
+        ModelSwitch(lambda lam: ORACLE, (1.0,), "latent")
+    with pytest.raises(ValueError, match="lambdas must lie in"):
+        ModelSwitch(lambda lam: ORACLE, (0.0,))
+    with pytest.raises(TypeError, match="model_switch"):
+        sm, x, noise, _ = _oracle_setup("ddim")
+        sample_parallel(sm, ORACLE, x, model_switch=object())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_switch_keeps_tolerance_zero_exact(method, kind):
+    sm, x, noise, ref = _oracle_setup(kind)
+    for sw, window in ((ModelSwitch.feature(OTHER, "step", 2), sm.num_steps),
+                       (ModelSwitch.feature(OTHER, "linear", 3), 4)):
+        out, st = sample_parallel(sm, ORACLE, x, noise, method=method, window=window, tolerance=0.0, model_switch=sw)
+        assert (out - ref).pow(2).mean().sqrt() <= 1e-10
+        assert st.converged and st.switch_round == 1 + sw.switch_round  # switch rounds, then the base
+    assert sample_parallel(sm, ORACLE, x, noise, method=method, tolerance=0.0)[1].switch_round is None
+
+
+def test_feature_blend_calls_both_models():
+    calls = []
+    pcm = lambda u, t: calls.append("pcm") or 2 * ORACLE(u, t)  # noqa: E731
+    base = lambda u, t: calls.append("base") or ORACLE(u, t)  # noqa: E731
+    sw = ModelSwitch.feature(pcm, "linear", 2)
+    u, t = torch.randn(3, 16, dtype=torch.float64), torch.full((3,), 500)
+    assert torch.allclose(sw.denoiser(0, base)(u, t), 2 * ORACLE(u, t)) and calls == ["pcm"]
+    assert torch.allclose(sw.denoiser(1, base)(u, t), 1.5 * ORACLE(u, t)) and calls[1:] == ["pcm", "base"]
+
+
+def test_picard_update_matches_the_engine(pipe):
+    """Eq. (1) on recorded iterates gives the next recorded iterate (the engine's Picard round) and fixes X*."""
+    sched = d.DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(6)
+    sm = step_map_for(sched)
+    x, labels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([1, 8])
+    tr = picard_trajectories(sm, lambda lb: digits_denoiser(pipe, lb, 1.0), x, labels, rounds=3)
+    assert tr.states.shape == (3, 2, 6, 1, 16, 16) and tr.reference.shape == (2, 7, 1, 16, 16)
+    assert torch.equal(tr.states[:, :, 0], x[None].expand(3, -1, -1, -1, -1))
+    den = digits_denoiser(pipe, labels.repeat_interleave(6), 1.0)
+    k = torch.arange(6).repeat(2)
+    smf = sm.to(dtype=torch.float32)
+
+    def phi(X):
+        return picard_update(smf, X, den(X.flatten(0, 1), smf.timesteps[k]).view_as(X))
+
+    assert (phi(tr.reference[:, :6]) - tr.reference[:, 1:]).abs().max() < 1e-4
+    for r in range(2):
+        nxt = phi(tr.states[r])[:, :5]  # Phi(X^r) at points 1..5 = X^{r+1} at points 1..5
+        assert (nxt - tr.states[r + 1][:, 1:]).abs().max() < 1e-4
+    assert (tr.states[0] - tr.reference[:, :6]).abs().max() > 1e-2  # X^0 is not converged
+
+
+def _perturbed_pcm(pipe, scale=1e-2):
+    model = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.0))
+    return PicardConsistencyModel(model, pcm_metadata(pipe.transformer, pipe.scheduler, grids=[("ddim", 4)]))
+
+
+@pytest.mark.parametrize("space", ["feature", "weight"])
+def test_parallel_sample_with_pcm_is_exact(pipe, space):
+    pcm = _perturbed_pcm(pipe).with_options(schedule="linear", switch_rounds=2, space=space)
+    kw = dict(num_inference_steps=8, guidance_scale=2.0, output_type="pt")
+    ref = pipe([3, 5], generator=torch.Generator().manual_seed(0), **kw).images
+    out = fastdiff.parallel_sample(pipe, [3, 5], generator=torch.Generator().manual_seed(0), pcm=pcm, method="newton",
+                                   tolerance=0.0, **kw)
+    assert (out.images - ref).abs().max() < 1e-4
+    assert out.stats.switch_round == 4  # the pipeline's first call, two switching rounds, then the base
+    if space == "weight":  # lambda = 0.5 in the second round: the blend holds the mean of the two weight sets
+        for pb, pp, pw in zip(pipe.transformer.parameters(), pcm.model.parameters(), pcm._blend.parameters()):
+            assert torch.allclose(pw, 0.5 * (pb + pp), atol=1e-6)
+
+
+def test_checkpoint_for_another_model_or_schedule(pipe, tmp_path):
+    pcm = _perturbed_pcm(pipe)
+    pcm.save_pretrained(tmp_path / "pcm")
+    loaded = PicardConsistencyModel.from_pretrained(tmp_path / "pcm")
+    loaded.check_base(pipe.transformer, pipe.scheduler)  # the right base: no error
+    other = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="another base model"):
+        loaded.check_base(other, pipe.scheduler)
+    cosine = d.DDIMScheduler.from_config({**pipe.scheduler.config, "beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(ValueError, match="another noise schedule"):
+        loaded.check_base(pipe.transformer, cosine)
+    vpred = d.DDIMScheduler.from_config({**pipe.scheduler.config, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="prediction_type"):
+        loaded.check_base(pipe.transformer, vpred)
+    swapped = copy.copy(pipe)
+    swapped.__dict__["scheduler"] = cosine
+    with pytest.raises(ValueError, match="another noise schedule"):
+        fastdiff.parallel_sample(swapped, [1], num_inference_steps=4, pcm=tmp_path / "pcm")
+    with pytest.raises(ValueError, match="not a PCM checkpoint"):
+        PicardConsistencyModel.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="pcm must be"):
+        fastdiff.parallel_sample(pipe, [1], num_inference_steps=4, pcm=3)
+
+
+def test_training_seam_and_export(tmp_path):
+    """``fastdiff.training.train`` with ``model.preset: digits_pcm``: eq. (2) is trained and exported."""
+    from fastdiff.training.config import load_config
+    from fastdiff.training.train import train
+
+    cfg = load_config("digits_pcm", [
+        f"output_dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "checkpoint.every=0",
+        "log.every=1", "log.progress_bar=false"])
+    cfg.model.config.update({"grids": [["ddim", 4]], "trajectories": [2], "rounds": 2, "points_per_step": 8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train(cfg)
+    assert summary["final_step"] == 2 and all(v > 0 for v in summary["losses"].values())
+    pcm = PicardConsistencyModel.from_pretrained(tmp_path / "model")
+    base = fastdiff.load_embedded_pipeline()
+    pcm.check_base(base.transformer, base.scheduler)
+    assert pcm.meta["grids"] == [["ddim", 4]] and pcm.meta["inference"]["switch_rounds"] == 1
+
+
+def test_shipped_pcm(pipe):
+    size = sum(f.stat().st_size for f in EMBEDDED_PCM_DIR.iterdir())
+    assert size <= 10 * 2**20
+    pcm = load_embedded_pcm()
+    pcm.check_base(pipe.transformer, pipe.scheduler)
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(99))
+    out = fastdiff.parallel_sample(pipe, [4], num_inference_steps=10, latents=x, pcm="embedded", tolerance=0.0,
+                                   output_type="pt")
+    ref = pipe([4], num_inference_steps=10, latents=x, output_type="pt").images
+    assert (out.images - ref).abs().max() < 1e-4 and out.stats.switch_round == 2 + pcm.switch_rounds
+
+
+def test_readme_snippet():
+    """The README's PCM snippet, as printed there."""
+    import fastdiff
+
+    pipe = fastdiff.load_embedded_pipeline()
+    out = fastdiff.parallel_sample(pipe, [3, 7], num_inference_steps=25, pcm="embedded")
+    print(out.stats.rounds, out.stats.switch_round)  # rounds in all; the first round on the base model alone
+    assert out.stats.converged and out.stats.switch_round == 2 + load_embedded_pcm().switch_rounds
+    assert len(out.images) == 2
