@@ -229,7 +229,7 @@ def _sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, args.device)
     pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
     if args.tgate is not None:
-        from .samplers.tgate import enable_tgate
+        from .caching import enable_tgate
 
         enable_tgate(pipe, gate_step=args.tgate, cond_weight=args.tgate_cond_weight)
     kwargs = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}

@@ -245,7 +245,7 @@ def run_compare(
     Raises:
         CompareInterrupted: on Ctrl-C, carrying the cells finished so far.
     """
-    from .samplers.tgate import check_cond_weight, disable_tgate, enable_tgate
+    from .caching.tgate import check_cond_weight, disable_tgate, enable_tgate
 
     if model in FLOW_MODELS:
         raise ValueError(f"model {model!r} is a normalizing flow: compare its inversion strategies with "

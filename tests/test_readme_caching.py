@@ -18,3 +18,21 @@ def test_readme_tgate_snippet():
     fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=6, guidance_scale=2.0, latents=noise.clone(),
                                               output_type="pt").images
     assert torch.equal(after, fresh)
+
+
+def test_readme_cache_snippet():
+    # --- README: fastdiff's cache
+    import fastdiff
+
+    pipe = fastdiff.load_embedded_pipeline()
+    cal = fastdiff.calibrate_cache(pipe, [1, 4], num_inference_steps=8, guidance_scale=2.0)  # one uncached run
+    fastdiff.enable_cache(pipe, calibration=cal, reuse=0.5, order=1, guidance="residual", guidance_reuse=0.7)
+    images = pipe([3, 7], num_inference_steps=8, guidance_scale=2.0).images
+    fastdiff.disable_cache(pipe)                                   # the pipeline is exactly as before
+    # --- end
+    assert len(images) == 2 and not fastdiff.is_cache_enabled(pipe)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    after = pipe([3, 7], num_inference_steps=8, guidance_scale=2.0, latents=noise.clone(), output_type="pt").images
+    fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=8, guidance_scale=2.0, latents=noise.clone(),
+                                              output_type="pt").images
+    assert torch.equal(after, fresh)

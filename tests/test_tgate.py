@@ -12,9 +12,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import fastdiff
+from fastdiff.caching import is_tgate_enabled
+from fastdiff.caching.engine import Action
+from fastdiff.caching.tgate import SelfAttnSchedule, tgate_actions
 from fastdiff.models import build_digits_pipeline
-from fastdiff.samplers.tgate import is_tgate_enabled
-from fastdiff.samplers.tgate_hooks import Action, SelfAttnSchedule, tgate_actions
 from fastdiff.testing import tiny_ddpm_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
 
 STEPS, GATE = 6, 3
@@ -387,12 +388,13 @@ def test_errors(sd):
     fastdiff.enable_tgate(sd, gate_step=STEPS)  # = steps is allowed (and changes nothing)
     sd_run(sd, sd_latents(sd))
 
-    with pytest.raises(RuntimeError, match="twice in one scheduler step"):  # e.g. a parallel sampler
-        x = torch.zeros(1, 4, 16, 16)
-        text = torch.zeros(1, 16, 32)
-        sd.scheduler.set_timesteps(STEPS)
-        sd.unet(x, 999, encoder_hidden_states=text)
-        sd.unet(x, 800, encoder_hidden_states=text)
+    x, text = torch.zeros(1, 4, 16, 16), torch.zeros(1, 16, 32)
+    sd.scheduler.set_timesteps(STEPS)
+    t0, t1 = sd.scheduler.timesteps[:2]
+    sd.scheduler.step(sd.unet(x, t0, encoder_hidden_states=text).sample, t0, x)
+    sd.unet(x, t1, encoder_hidden_states=text)
+    with pytest.raises(RuntimeError, match="twice in one scheduler step"):  # e.g. separate CFG passes
+        sd.unet(x, t1, encoder_hidden_states=text)
 
 
 def test_joint_attention_unsupported():
