@@ -356,7 +356,7 @@ class Config:
     guidance: float | None = None
 
 
-def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool) -> list[Config]:
+def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool, cal_all: Any = None) -> list[Config]:
     """fastdiff's settings: each part alone, then combinations aimed at the 30 / 40 / 50 % savings."""
     feats = "deep" if kind == "unet" else "blocks"
     c: list[Config] = []
@@ -386,6 +386,15 @@ def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool) -> list[Config
         add(f"{tag} uniform N={n} order 1", f"{feats}+order1", interval=n, order=1, **span)
         add(f"{tag} uniform N={n} order 1 + guidance residual k={n}", "combined", interval=n, order=1,
             guidance="residual", guidance_interval=n, **span)
+    if kind == "transformer":
+        for r in (0.3, 0.4, 0.45):
+            add(f"all blocks cal. {r} order 1", f"{feats}+schedule+order1", calibration=cal_all, reuse=r, order=1, **span)
+    else:
+        for k in (4, 5):
+            add(f"guidance residual k={k}", "guidance", features=None, guidance="residual", guidance_interval=k)
+        add("guidance residual cal. 0.8", "guidance+schedule", features=None, calibration=cal, guidance="residual",
+            guidance_reuse=0.8)
+        add("deep uniform N=2 + guidance residual k=2", "combined", interval=2, guidance="residual", guidance_interval=2)
     combos = ((0.3, 0.6), (0.5, 0.7)) if kind == "transformer" else ((0.5, 0.5), (0.65, 0.6))
     for r, g in combos if full else combos[:1]:
         add(f"{feats} cal. {r} order 1 + guidance residual cal. {g}", "combined", calibration=cal, reuse=r,
@@ -471,10 +480,12 @@ def bench_model(kind: str, num_images: int, steps: int, full: bool, macs_images:
     cal_labels = (torch.arange(10) * 3 + 1) % 10
     cal_noise = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(7))
     cal = fastdiff.calibrate_cache(pipe, cal_labels, steps, DIGITS_GUIDANCE, latents=cal_noise, output_type="pt")
+    cal_all = None if kind == "unet" else fastdiff.calibrate_cache(  # every block's residual
+        pipe, cal_labels, steps, DIGITS_GUIDANCE, latents=cal_noise, output_type="pt", blocks=(0, 6))
 
     configs = [Config("uncached", "reference", "-"), Config("uncached, noise seed 1", "reference", "chance spread", noise_seed=1),
                Config("uncached, no CFG", "reference", "guidance dropped", guidance=1.0)][: 3 if full else 1]
-    configs += fastdiff_configs(kind, cal, steps, full) + peer_configs(kind, pipe, timestep, full)
+    configs += fastdiff_configs(kind, cal, steps, full, cal_all) + peer_configs(kind, pipe, timestep, full)
     if only:
         configs = [c for c in configs if c.name == "uncached" or c.name in only]
 

@@ -96,7 +96,8 @@ def enable_cache(
         calibration: a :func:`calibrate_cache` result for this pipeline (any step count or scheduler).
         branch: ``"deep"``: DeepCache's skip branch (0 = shallowest, the most saved).
         blocks: ``"blocks"``: the ``(start, end)`` span of transformer blocks whose residual is reused
-            (default: all but the first and the last block).
+            (default: every block; on the embedded digits transformer every block with ``order=1`` at N=2 saved
+            49.8 % of MACs at FD 0.075 to the uncached samples, the span (1, 5) without extrapolation 33 % at 2.35).
         order: 0 (reuse) or 1 (linear extrapolation in the timestep from the last two full steps).
         guidance: ``None`` or ``"residual"``: skip the unconditional branch on cached steps and rebuild it from
             the kept ``uncond - cond`` residual (needs CFG batched as ``[uncond; cond]``).
