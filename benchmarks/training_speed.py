@@ -147,13 +147,23 @@ def analyse_testbed(runs: dict[str, dict[int, dict]], seeds: list[int], last: in
         curves[method] = c
     base_mean = fd["baseline"].mean(0)
     target = float(base_mean[-last:].mean())
-    base_steps = crossing_step(steps, base_mean.tolist(), target)
+
+    def baseline_steps(curve: list[float], level: float) -> float:
+        # a baseline whose FD rises at the end never "stays below" its own average: it has its final FD
+        # at its last step (the budget), which is then the denominator
+        crossed = crossing_step(steps, curve, level)
+        return float(steps[-1]) if crossed is None else crossed
+
+    base_steps = baseline_steps(base_mean.tolist(), target)
     seed_targets = [float(fd["baseline"][i, -last:].mean()) for i in range(len(seeds))]
-    seed_base = [crossing_step(steps, fd["baseline"][i].tolist(), t) for i, t in enumerate(seed_targets)]
+    seed_base = [baseline_steps(fd["baseline"][i].tolist(), t) for i, t in enumerate(seed_targets)]
+    tail = np.diff(base_mean[-(last + 1):])
     table = {}
     for method in runs:
         needed = crossing_step(steps, curves[method]["fd_mean"], target)
         per_seed = [crossing_step(steps, fd[method][i].tolist(), t) for i, t in enumerate(seed_targets)]
+        if method == "baseline":  # by definition (also where its FD rises at the end)
+            needed, per_seed = base_steps, list(seed_base)
         ratios = [_ratio(n, b) for n, b in zip(per_seed, seed_base)]
         finite = [r for r in ratios if r is not None]
         last_fd = fd[method][:, -last:].mean(1)  # per seed
@@ -176,11 +186,18 @@ def analyse_testbed(runs: dict[str, dict[int, dict]], seeds: list[int], last: in
         if "accuracy_mean" in curves[method]:
             table[method]["final_accuracy_mean"] = curves[method]["accuracy_mean"][-1]
     return {"target_fd": target, "target_fd_per_seed": seed_targets, "baseline_steps_to_target": base_steps,
-            "baseline_steps_to_target_per_seed": seed_base, "table": table, "curves": curves}
+            "baseline_steps_to_target_per_seed": seed_base, "seeds": seeds,
+            "baseline_fd_falling_at_the_end": bool((tail < 0).all()),
+            "baseline_fd_minimum": {"step": int(steps[int(base_mean.argmin())]), "fd": float(base_mean.min())},
+            "table": table, "curves": curves}
 
 
-def targets_met(testbed: str, table: dict) -> dict:
-    """Each target on the mean curve and on every seed (a seed that never gets there fails)."""
+def targets_met(testbed: str, table: dict, reliable: bool = True) -> dict:
+    """Each target on the mean curve and on every seed (a seed that never gets there fails); ``None`` (not
+    assessable) for every entry when ``reliable`` is false: the baseline's FD still rises at the end of the
+    budget, so "steps to the baseline's final FD" credits the bump, not a speed-up."""
+    if not reliable:
+        return {key: None for key in targets_met(testbed, table)}
     def worst(method: str) -> float:
         r = table[method]["ratio_per_seed"]
         return math.inf if any(x is None for x in r) else max(r)
@@ -250,7 +267,7 @@ def plot(result: dict, path: Path) -> None:
             ax.fill_between(steps, np.maximum(mean - std, 1e-3), mean + std, alpha=0.15)
         ax.axhline(section["target_fd"], color="grey", ls=":", lw=1, label="target (baseline, last evals)")
         ax.set_yscale("log")
-        ax.set_title(f"{bed}: FD-digits, mean +- std over {len(result['setup']['seeds'])} seeds", fontsize=9)
+        ax.set_title(f"{bed}: FD-digits, mean +- std over {len(section['seeds'])} seeds", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("FD-digits of EMA samples (lower is better)")
         ax.legend(fontsize=7, title="steps to target vs baseline", title_fontsize=7)
@@ -321,11 +338,20 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
 
     testbeds, runs_out = {}, {}
     for bed in args.testbeds:
+        seeds = [s for s in args.seeds  # complete seeds only
+                 if all((args.work_dir / bed / f"{m}_seed{s}" / "summary.json").is_file() for m in methods_of(args, bed))]
+        if not seeds:
+            print(f"{bed}: no seed has every method finished; left out")
+            continue
         runs = {m: {s: json.loads((args.work_dir / bed / f"{m}_seed{s}" / "summary.json").read_text())
-                    for s in args.seeds} for m in methods_of(args, bed)}
-        section = analyse_testbed(runs, args.seeds, args.last_evals)
+                    for s in seeds} for m in methods_of(args, bed)}
+        section = analyse_testbed(runs, seeds, args.last_evals)
         section["targets"] = {k: v for k, v in TARGETS[bed].items() if k in runs}
         section["targets_met"] = targets_met(bed, section["table"])
+        section["targets_met_reliable"] = section["baseline_fd_falling_at_the_end"]
+        if not section["targets_met_reliable"]:
+            section["targets_met_if_read_literally"] = section["targets_met"]
+            section["targets_met"] = targets_met(bed, section["table"], reliable=False)
         cfg = load_config(TESTBEDS[bed], overrides)
         section["config"] = str(TESTBEDS[bed].relative_to(ROOT))
         section["conditioning"] = cfg.model.conditioning
@@ -334,11 +360,11 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                                       "terminated_at": r["terminated_at"], "teacher_calls": r["teacher_calls"],
                                       "teacher_images": r.get("teacher_images"), "wall_seconds": r.get("wall_seconds")}
                              for s, r in per.items()} for m, per in runs.items()}
-    cfg = load_config(TESTBEDS[args.testbeds[0]], overrides)
+    headline = next(iter(testbeds))
+    cfg = load_config(TESTBEDS[headline], overrides)
     from fastdiff.training.teachers import SHIPPED_TEACHERS
 
     teacher = json.loads((SHIPPED_TEACHERS[cfg.align.teacher] / "config.json").read_text())
-    headline = args.testbeds[0]
     result = {
         "benchmark": "training_speed", "environment": environment(),
         "layout": "testbeds.<testbed>.curves.<method> = {steps, fd_mean, fd_std, fd_per_seed{seed: [fd]}, "
@@ -356,8 +382,10 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                   "scoring": f"target = baseline FD averaged over the last {args.last_evals} evaluations; steps to "
                              "target = the step after which a curve stays at or below it (last downward crossing, "
                              "linear interpolation between evaluations); ratio = that / the baseline's own steps to "
-                             "the same target; on the mean curve over seeds (target from the mean baseline curve) "
-                             "and per seed against the same-seed baseline (paired)",
+                             "the same target (its last step when its FD rises at the end and never stays below "
+                             "its own average); on the mean curve over seeds (target from the mean baseline curve) "
+                             "and per seed against the same-seed baseline (paired); paired FD change = (method - "
+                             "baseline) / baseline of the last-evaluations FD, same seed",
                   "teacher": {"name": cfg.align.teacher, "objective": teacher["recipe"]["objective"],
                               "architecture": teacher["architecture"], "probe": teacher.get("probe")},
                   "alignment": {"repa_block": "auto (about 1/3 depth)" if cfg.align.repa_block is None

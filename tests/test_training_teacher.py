@@ -96,3 +96,12 @@ def test_shipped_mae_teacher_is_self_supervised_small_and_on_the_student_grid():
     old = json.loads((shipped_teachers()["digits_vit"] / "config.json").read_text())
     assert probe["class_r2"] < probe_teacher(load_teacher("digits_vit"))["class_r2"] - 0.2 and "classification" in \
         old["recipe"]["objective"]
+
+
+def test_the_documented_teacher_command_writes_a_loadable_teacher(tmp_path, capsys):
+    from fastdiff.training.teachers.mae import main
+
+    main(["--out", str(tmp_path / "t"), "--steps", "2"])  # README: python -m fastdiff.training.teachers.mae --out DIR
+    assert "class R^2 of tokens" in capsys.readouterr().out
+    teacher = load_teacher(str(tmp_path / "t"))
+    assert teacher.patch_size == 4 and len(teacher.blocks) == 6
