@@ -114,6 +114,8 @@ def test_training_curves_from_every_shape(tmp_path) -> None:
     assert training_curves(None) == {} and training_curves({"environment": {"device": "cpu"}}) == {}
     assert training_results({"cond": bench, "note": "x"}) == {"cond": bench}
     assert training_results(bench) == {"": bench}
+    split = {"environment": {"date": "d"}, "curves": bench["curves"], "testbeds": {"a": bench, "b": {"x": 1}}}
+    assert training_results(split) == {"a": {"environment": {"date": "d"}, **bench}}
 
 
 def test_describe_training_is_computed_from_the_data() -> None:

@@ -174,10 +174,17 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 
 def training_results(data: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
-    """The training-speed results inside a benchmark JSON: ``{"": data}`` when it holds curves itself, else
-    ``{section: sub_result}`` for each section one level down that does (a file split by setting)."""
+    """The training-speed results inside a benchmark JSON: one per testbed when it has ``testbeds`` (each with the
+    file's ``environment`` / ``setup`` / ``speed`` unless it has its own), else ``{"": data}`` when it holds curves
+    itself, else ``{section: sub_result}`` for each section one level down that does."""
     if not isinstance(data, Mapping):
         return {}
+    testbeds = data.get("testbeds")
+    if isinstance(testbeds, Mapping):
+        shared = {k: data[k] for k in ("environment", "setup", "speed") if k in data}
+        found = {str(k): {**shared, **v} for k, v in testbeds.items() if isinstance(v, Mapping) and training_curves(v)}
+        if found:
+            return found
     if training_curves(data) and ("curves" in data or "runs" in data):
         return {"": data}
     return {str(k): v for k, v in data.items()
