@@ -106,22 +106,11 @@ def run_worker(testbed: str, method: str, seed: int, out: Path, overrides: list[
 
 # ------------------------------------------------------------------------------------------ analysis
 def crossing_step(steps: list[int], values: list[float], target: float) -> float | None:
-    """Step after which a curve stays at or below ``target``, interpolated linearly between evaluations.
+    """Step after which a curve stays at or below ``target`` (``fastdiff.studies.steps_to_reach``: the *last*
+    downward crossing, interpolated; early FD curves are not monotone); ``None`` for an empty curve."""
+    from fastdiff.studies.results import steps_to_reach
 
-    The *last* downward crossing: early FD curves are not monotone (blurry blobs can score as well as later,
-    sharper but wrong samples), and a first touch would credit noise. ``None`` if the final value is above
-    ``target``.
-    """
-    below = [v <= target for v in values]
-    if not below or not below[-1]:
-        return None
-    i = len(values) - 1
-    while i > 0 and below[i - 1]:
-        i -= 1
-    if i == 0:
-        return float(steps[0])
-    (s0, v0), (s1, v1) = (steps[i - 1], values[i - 1]), (steps[i], values[i])
-    return s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+    return steps_to_reach(steps, values, target) if values else None
 
 
 def _fd_curve(run: dict) -> tuple[list[int], list[float]]:

@@ -10,6 +10,7 @@ cells finished so far, ``train`` a checkpoint).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -296,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fastdiff {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fastdiff samplers | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

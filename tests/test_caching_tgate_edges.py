@@ -16,14 +16,6 @@ from fastdiff.testing import tiny_sd_pipeline
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return tiny_sd_pipeline(sample_size=8)

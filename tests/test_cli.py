@@ -262,3 +262,12 @@ def test_compare_help_names_the_real_defaults(monkeypatch):
     text = " ".join(text.split())
     assert f"(default: {','.join(DEFAULT_SAMPLERS)})" in text
     assert f"(default: {','.join(map(str, DEFAULT_STEPS))})" in text
+
+
+def test_samplers_into_a_closed_pipe_exits_quietly(monkeypatch):
+    """`fastdiff samplers | head -1`: the reader has left; the CLI exits with 141 instead of a BrokenPipeError."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["samplers"]) == 141

@@ -27,14 +27,6 @@ from fastdiff.models.digits import (
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_unet.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def random_pipe() -> DigitsUNetPipeline:
     pipe = build_digits_unet_pipeline(seed=0)

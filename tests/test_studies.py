@@ -130,6 +130,10 @@ def test_describe_training_is_computed_from_the_data() -> None:
     assert lines[2] == "min_snr: final FD 4.0 at step 30; reaches the baseline's final FD (6.0) at 0.67x its steps (mean curve); throughput 0.98x"
     assert lines[3] == "repa: final FD 9.0 at step 30; does not reach the baseline's final FD (6.0)"
     assert describe_training({}) == ["no training curves in this result"]
+    # a baseline whose FD rises at the end: steps to its final FD would measure the bump (as the benchmark says)
+    bump = {"runs": {"baseline": {"0": _summary([10.0, 5.0, 7.0])}, "repa": {"0": _summary([9.0, 6.0, 6.5])}}}
+    assert describe_training(bump)[1] == ("repa: final FD 6.5 at step 30; steps to the baseline's final FD not "
+                                          "assessable: its FD rises at the end (best 5.0, final 7.0)")
 
 
 def test_load_result_is_defensive(tmp_path) -> None:

@@ -22,15 +22,6 @@ STEPS, GATE = 6, 3
 PIXART_KW = {"use_resolution_binning": False, "clean_caption": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, the more so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return tiny_sd_pipeline()
