@@ -13,11 +13,7 @@ def test_readme_tgate_snippet():
     fastdiff.disable_tgate(pipe)                                   # the pipeline is exactly as before
     # --- end
     assert len(images) == 2 and not fastdiff.is_tgate_enabled(pipe)
-    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    after = pipe([3, 7], num_inference_steps=6, guidance_scale=2.0, latents=noise.clone(), output_type="pt").images
-    fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=6, guidance_scale=2.0, latents=noise.clone(),
-                                              output_type="pt").images
-    assert torch.equal(after, fresh)
+    _assert_like_a_fresh_pipeline(pipe, 6)
 
 
 def test_readme_cache_snippet():
@@ -31,8 +27,15 @@ def test_readme_cache_snippet():
     fastdiff.disable_cache(pipe)                                   # the pipeline is exactly as before
     # --- end
     assert len(images) == 2 and not fastdiff.is_cache_enabled(pipe)
+    _assert_like_a_fresh_pipeline(pipe, 8)
+
+
+def _assert_like_a_fresh_pipeline(pipe, steps: int) -> None:
+    """After disabling, the pipeline samples exactly what a freshly loaded one does from the same noise."""
+    import fastdiff
+
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    after = pipe([3, 7], num_inference_steps=8, guidance_scale=2.0, latents=noise.clone(), output_type="pt").images
-    fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=8, guidance_scale=2.0, latents=noise.clone(),
-                                              output_type="pt").images
+    after = pipe([3, 7], num_inference_steps=steps, guidance_scale=2.0, latents=noise.clone(), output_type="pt").images
+    fresh = fastdiff.load_embedded_pipeline()([3, 7], num_inference_steps=steps, guidance_scale=2.0,
+                                              latents=noise.clone(), output_type="pt").images
     assert torch.equal(after, fresh)
