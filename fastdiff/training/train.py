@@ -20,6 +20,7 @@ the current step, save a checkpoint and exit with one line (status 130 / 143); a
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 import os
@@ -363,7 +364,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
     # --------------------------------------------------------------------------------------- wrap up
     progress.close()
     if interrupted is not None:
-        accelerator.end_training()
+        del module, optimizer
+        end_run(accelerator)
         signum, saved = interrupted
         raise TrainingInterrupted(signum, state.step, saved, summary)
     steps_run = len(summary["losses"])
@@ -379,8 +381,18 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
         export_model(accelerator.unwrap_model(module), ema, denoiser_params, scheduler, out_dir)
     accelerator.print(f"done: step {state.step}, {summary['throughput_img_per_s'] or 0:.1f} img/s, "
                       f"peak memory {summary['peak_memory_mb']:.0f} MB")
-    accelerator.end_training()
+    del module, optimizer
+    end_run(accelerator)
     return summary
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """Release the prepared (DDP) model, then end the process group. DDP's Reducer holds the gloo group: freed
+    only when ``train``'s frame goes, after ``destroy_process_group``, its destructor can hang rank 0 joining
+    the group's threads (seen with 2 CPU processes)."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 # ------------------------------------------------------------------------------------------ helpers
