@@ -281,9 +281,9 @@ def methods_of(args: argparse.Namespace, testbed: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-every", type=int, default=80)
+    p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--inference-steps", type=int, default=10)
     p.add_argument("--last-evals", type=int, default=2, help="evaluations averaged into the target and final FD")
@@ -294,9 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--skip", nargs="*", default=["unconditional:min_snr"], metavar="TESTBED:METHOD",
                    help="runs left out (default: Min-SNR unconditional; its target is on the conditional testbed)")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/training_speed_v2"))
+    p.add_argument("--work-dir", type=Path, default=Path("runs/training_speed_v3"))
     p.add_argument("--out", type=Path, default=RESULTS / "training_speed")
     p.add_argument("--reanalyse", action="store_true", help="only re-analyse the runs stored in --work-dir")
+    p.add_argument("--total-minutes", type=float, default=None,
+                   help="with --reanalyse: the wall time of the invocation(s) that trained the runs (default: the "
+                        "previous JSON's)")
     args = p.parse_args(argv)
     if "baseline" not in args.methods:
         raise SystemExit("--methods must include baseline (every ratio is against it)")
@@ -316,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
             measure_speed(overrides, args.speed_steps, args.work_dir, args.speed_repeats)
     minutes = (time.perf_counter() - t0) / 60
     previous = args.out.with_suffix(".json")
-    if args.reanalyse and previous.is_file():  # keep the wall time of the run that produced the data
+    if args.reanalyse and args.total_minutes is not None:
+        minutes = args.total_minutes
+    elif args.reanalyse and previous.is_file():  # keep the wall time of the run that produced the data
         minutes = json.loads(previous.read_text()).get("total_minutes", minutes)
     report(args, overrides, minutes)
 

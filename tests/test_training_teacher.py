@@ -57,6 +57,19 @@ def test_mae_loss_counts_masked_patches_only(monkeypatch):
     assert mae_loss(encoder, decoder, images, 0.75).item() == 0.0
 
 
+def test_norm_pix_loss_targets_each_patch_normalised_by_its_own_statistics(monkeypatch):
+    torch.manual_seed(0)
+    encoder = DigitsViT(patch_size=4, dim=16, depth=1, heads=2, num_classes=0)
+    decoder = MAEDecoder(16, 16, 16, dim=8, depth=1, heads=2)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    blocks = images.unfold(2, 4, 4).unfold(3, 4, 4).reshape(2, 16, 16)  # [B, 4x4 patches, 16 pixels], row-major
+    mean, std = blocks.mean(-1, keepdim=True), blocks.std(-1, keepdim=True)  # MAE: unbiased variance, eps 1e-6
+    normalised = (blocks - mean) / (std ** 2 + 1e-6) ** 0.5
+    monkeypatch.setattr(decoder, "forward", lambda latent, ids_restore: normalised)
+    assert mae_loss(encoder, decoder, images, 0.5, norm_pix_loss=True).item() == pytest.approx(0.0, abs=1e-10)
+    assert mae_loss(encoder, decoder, images, 0.5).item() > 0.1  # the raw-pixel target differs
+
+
 def test_probe_measures_label_embeddings_and_sharpness():
     labels = torch.arange(200) % 10
     embedding = torch.randn(10, 16, 8)[labels]  # tokens = a function of the label
@@ -105,3 +118,16 @@ def test_the_documented_teacher_command_writes_a_loadable_teacher(tmp_path, caps
     assert "class R^2 of tokens" in capsys.readouterr().out
     teacher = load_teacher(str(tmp_path / "t"))
     assert teacher.patch_size == 4 and len(teacher.blocks) == 6
+
+
+def test_teacher_command_options_reach_the_recipe_and_the_probe_curve(tmp_path, capsys):
+    from fastdiff.training.teachers.mae import main
+
+    main(["--out", str(tmp_path / "t"), "--steps", "2", "--norm-pix-loss", "--mask-ratio", "0.5", "--depth", "2",
+          "--probe-every", "1"])
+    record = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert record["recipe"]["norm_pix_loss"] is True and record["recipe"]["mask_ratio"] == 0.5
+    assert record["architecture"]["depth"] == 2 and len(load_teacher(str(tmp_path / "t")).blocks) == 2
+    assert record["recipe"]["command"].endswith("--steps 2 --mask-ratio 0.5 --norm-pix-loss --depth 2")
+    assert [("class_r2" in p, "attention_entropy" in p) for p in record["curve"]] == [(True, True)] * 2
+    assert record["curve"][-1]["class_r2"] == record["probe"]["class_r2"]

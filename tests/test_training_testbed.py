@@ -90,3 +90,32 @@ def test_scoring_sees_a_2x_speedup_on_paired_noisy_curves():
     assert met["repa<=0.5x (mean curve)"] in (True, False) and not met["haste<=repa (mean curve)"]
     assert bench.crossing_step([1, 2, 3], [5.0, 3.0, 4.0], 3.5) is None  # must stay below at the end
     assert bench.crossing_step([1, 2, 3], [5.0, 3.0, 2.0], 4.0) == pytest.approx(1.5)
+
+
+def test_unconditional_export_is_a_pipeline_that_samples_like_the_zero_context_by_hand(tmp_path):
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    from fastdiff.models.digits import DigitsPipeline
+
+    train(load_config(UNCOND, [f"output_dir={tmp_path}", *TINY, "--max_steps", "1", "eval.every=0"]))
+    pipe = DigitsPipeline.from_pretrained(tmp_path / "pipeline")  # out of the box: label 0 = the zero context
+    model = PixArtTransformer2DModel.from_pretrained(tmp_path / "model")  # the bare model (model.pretrained)
+    by_hand = DigitsPipeline(model, build_null_context(model),
+                             DDIMScheduler.from_pretrained(tmp_path / "scheduler"))
+    latents = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {"num_inference_steps": 3, "latents": latents, "output_type": "pt"}
+    images = pipe(0, num_images_per_prompt=3, **kwargs).images
+    assert torch.equal(images, by_hand([0, 0, 0], **kwargs).images)
+    assert torch.equal(pipe.class_embedder(torch.tensor([0])), torch.zeros(1, 1, model.config.caption_channels))
+
+
+def test_gradient_cosine_is_recorded_at_every_check_not_only_on_log_steps(tmp_path):
+    from fastdiff.training.tracking import read_metrics
+
+    cfg = load_config(UNCOND, [f"output_dir={tmp_path}", *TINY, "--haste", "--max_steps", "4", "eval.every=0",
+                               "log.every=10", "align.grad_angle_every=2"])
+    train(cfg)
+    records = read_metrics(tmp_path / "logs" / "metrics.jsonl")
+    cosines = {r["step"]: r["align/grad_cos"] for r in records if "align/grad_cos" in r}
+    assert sorted(cosines) == [1, 3] and all(-1 <= c <= 1 for c in cosines.values())  # checks at steps 0 and 2
+    assert [r["step"] for r in records if "loss" in r] == [4]  # the log steps are unchanged

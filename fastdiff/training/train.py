@@ -340,6 +340,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
                 accelerator.log(record, step=state.step)
                 logged = True
                 window_start, window_samples = time.perf_counter(), 0
+            elif grad_cos is not None:  # measured off a log step: recorded at its own step all the same
+                accelerator.log({"align/grad_cos": grad_cos}, step=state.step)
             if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
                 result = evaluate(accelerator, module, ema, denoiser_params, scheduler, cfg)
                 if result is not None:
@@ -356,8 +358,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> dict:
             if world > 1:  # every process stops after the same step: checkpointing is collective
                 signum = int(accelerator.gather(torch.tensor([signum], device=device)).max())
             if signum and state.step < cfg.train.max_steps:  # (after the last step: finish normally)
-                if not logged:
-                    accelerator.log(record, step=state.step)
+                if not logged:  # (a gradient cosine off a log step is recorded already)
+                    accelerator.log({k: v for k, v in record.items() if k != "align/grad_cos"}, step=state.step)
                 interrupted = (signum, saved or checkpoint(state.step))
                 break
 
@@ -502,12 +504,17 @@ def sampling_pipeline(inner: TrainModule, scheduler):
 
 def export_model(inner: TrainModule, ema, params, scheduler, out_dir: Path) -> None:
     """Save the final (EMA) weights: a ``DigitsPipeline`` / ``DigitsUNetPipeline`` (``pipeline/``) for class-token
-    PixArt transformers and ``UNet2DConditionModel``, else the model and its scheduler."""
+    PixArt transformers and ``UNet2DConditionModel``, else the model and its scheduler (``model/``,
+    ``scheduler/``); unconditional PixArt / ``UNet2DConditionModel`` runs write both, the pipeline holding the
+    zero context as its only class (label 0)."""
     restore = _swap_in_ema(ema, params)
     try:
-        if inner.conditioning == "class_tokens" and type(inner.model).__name__ in _PIPELINE_MODELS:
+        # unconditional (conditioning: none) cross-attention models: the pipeline's class embedder is the
+        # one-class all-zero context, so ``pipe(0, num_images_per_prompt=n)`` samples as evaluation does
+        pipelined = type(inner.model).__name__ in _PIPELINE_MODELS and inner.class_embedder is not None
+        if pipelined:
             sampling_pipeline(inner, scheduler).save_pretrained(out_dir / "pipeline")
-        else:
+        if not (pipelined and inner.conditioning == "class_tokens"):  # also RUN/model for model.pretrained
             inner.model.save_pretrained(out_dir / "model")
             scheduler.save_pretrained(out_dir / "scheduler")
     finally:
