@@ -13,7 +13,13 @@ for), with initial latents from seeds the PCM cache never used (``--seed``, defa
   measured against its own sequential fixed point;
 * ``picard`` / ``newton``: :func:`fastdiff.samplers.parallel.sample_parallel`;
 * ``pcm+picard`` / ``pcm+newton``: the same with the PCM's model switching (its checkpoint's default
-  schedule; ``--switch-rounds`` / ``--schedule`` / ``--space`` override it).
+  schedule; ``--switch-rounds`` / ``--schedule`` / ``--space`` override it);
+* ``pcm[linear2]+...``: the paper's linear ``lambda(r)`` (eq. 4 of ``fastdiff.samplers.pcm``) over 2 rounds, when
+  that is not the checkpoint's default (``--variants`` names others, e.g. ``step1,linear3``).
+
+Also the one-round accuracy: the rms distance to the fixed point ``X*`` (whole trajectory, and its final
+point) after one Picard update with the base model and with the PCM, from the engine's initial iterate ``X^0``
+(``one_round``). DDPM-1000 (no PCM is trained on a stochastic grid) runs with ``--ddpm``.
 
 Each method runs down a ladder of tolerances (largest first, until rms <= 1e-3); its result per target is
 the fewest rounds within it. Rounds
@@ -21,7 +27,7 @@ count the pipeline's first model call too (the solver's warm start), as ``fastdi
 FD-digits (``fastdiff.metrics``) of ``--fd-samples`` DDIM-25 samples per method, each method at the tolerance
 that met 1e-3 on the batch-8 case. Wall clock: seconds of the run that met 1e-3 (CPU, ``--threads``).
 
-    python benchmarks/pcm.py            # ~15 min on 2 busy CPU cores
+    python benchmarks/pcm.py            # ~30 min on 2 busy CPU cores
     python benchmarks/pcm.py --quick    # smoke test
 """
 
@@ -45,8 +51,16 @@ from parallel_sampling import _rms, paradigms_loop, trajectory  # noqa: E402
 import fastdiff  # noqa: E402
 from fastdiff.metrics import evaluate_samples  # noqa: E402
 from fastdiff.samplers.parallel import sample_parallel  # noqa: E402
-from fastdiff.samplers.pcm import ModelSwitch, digits_denoiser, load_embedded_pcm, switch_lambdas  # noqa: E402
-from fastdiff.samplers.steps import model_input  # noqa: E402
+from fastdiff.samplers.pcm import (  # noqa: E402
+    EMBEDDED_PCM_DIR,
+    ModelSwitch,
+    PicardConsistencyModel,
+    digits_denoiser,
+    picard_trajectories,
+    picard_update,
+    switch_lambdas,
+)
+from fastdiff.samplers.steps import model_input, step_map_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = (1e-3, 1e-2)
@@ -57,6 +71,7 @@ LADDERS = {
 }
 LADDERS_DDPM = {"paradigms": (0.3, 0.1, 0.03), "picard": (0.3, 0.1, 0.03), "newton": (1e-3, 3e-4, 1e-4, 3e-5)}
 METHODS = ("paradigms", "picard", "newton", "pcm+picard", "pcm+newton")
+PAPER_VARIANT = "linear2"  # the paper's lambda(r) = max(0, 1 - r / 2)
 GUIDANCE = 1.0
 
 
@@ -66,7 +81,7 @@ def _ladder(method: str, kind: str) -> tuple[float, ...]:
 
 
 @torch.no_grad()
-def run_method(method: str, tol: float, sm, model, switch, config: dict, kind: str, steps: int, window: int,
+def run_method(method: str, tol: float, sm, model, switches: dict, config: dict, kind: str, steps: int, window: int,
                x: torch.Tensor, noise, seed: int) -> tuple[torch.Tensor, dict]:
     start = time.perf_counter()
     if method == "paradigms":
@@ -79,7 +94,7 @@ def run_method(method: str, tol: float, sm, model, switch, config: dict, kind: s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             y, st = sample_parallel(sm, model, x, noise, method=base, window=window, tolerance=tol,
-                                    first_output=first, model_switch=switch if method.startswith("pcm") else None)
+                                    first_output=first, model_switch=switches.get(method.rsplit("+", 1)[0]))
         info = {"rounds": st.rounds, "evals": st.model_evals + 1, "switch_round": st.switch_round,
                 "converged": st.converged}
     info["seconds"] = round(time.perf_counter() - start, 3)
@@ -88,13 +103,14 @@ def run_method(method: str, tol: float, sm, model, switch, config: dict, kind: s
 
 def study(kind: str, steps: int, window: int, batch: int, seed: int, pcm, methods, quick: bool) -> dict:
     pipe, labels = _pipe(), torch.arange(batch) % 10
-    model, switch = digits_denoiser(pipe, labels, GUIDANCE), pcm_switch(pipe, labels, pcm)
+    model, switch = digits_denoiser(pipe, labels, GUIDANCE), pcm_switches(pipe, labels, pcm)
     config = dict(pipe.scheduler.config)
     x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     sm, noise, reference = trajectory(model, config, kind, steps, x, seed)
     seq_seconds = time.perf_counter() - t0
     own, *_ = paradigms_loop(kind, config, steps, model, x, torch.Generator().manual_seed(seed), 1, 0.1)
+    methods = [m for m in methods if m.rsplit("+", 1)[0] in switch or not m.startswith("pcm")]
     out = {"sampler": f"{kind.upper()}-{steps}", "window": window, "batch": batch, "seed": seed,
            "sequential": {"rounds": steps, "seconds": round(seq_seconds, 3)}, "methods": {}}
     for method in methods:
@@ -120,7 +136,7 @@ def study(kind: str, steps: int, window: int, batch: int, seed: int, pcm, method
         ref_rounds = {m: (out["methods"][m]["best"][key] or {}).get("rounds") for m in out["methods"]}
         out[f"ratios_at_{key}"] = {
             f"{m}_vs_{b}": (ref_rounds[m] / ref_rounds[b]) if ref_rounds.get(m) and ref_rounds.get(b) else None
-            for m in ("pcm+newton", "pcm+picard") for b in ("paradigms", "picard", "newton") if m in ref_rounds
+            for m in ref_rounds if m.startswith("pcm") for b in ("paradigms", "picard", "newton")
         }
     return out
 
@@ -136,16 +152,50 @@ def _pipe():
     return _PIPE[0]
 
 
-def pcm_switch(pipe, labels: torch.Tensor, pcm) -> ModelSwitch:
-    """The PCM's model switching around the same class tokens and guidance as the base denoiser."""
-    return pcm.switch(lambda network: digits_denoiser(pipe, labels, GUIDANCE, network), pipe.transformer)
+def pcm_switches(pipe, labels: torch.Tensor, pcm) -> dict[str, ModelSwitch]:
+    """The PCM's model switching around the same class tokens and guidance as the base denoiser: ``"pcm"`` its
+    default, ``"pcm[<schedule><rounds>]"`` each of ``_VARIANTS``."""
+    glue = lambda network: digits_denoiser(pipe, labels, GUIDANCE, network)  # noqa: E731
+    out = {"pcm": pcm.switch(glue, pipe.transformer)}
+    for v in _VARIANTS:
+        name = v.rstrip("0123456789")
+        if (name, int(v[len(name):])) != (pcm.schedule, pcm.switch_rounds):
+            out[f"pcm[{v}]"] = pcm.with_options(schedule=name, switch_rounds=int(v[len(name):])).switch(glue, pipe.transformer)
+    return out
+
+
+_VARIANTS: list[str] = [PAPER_VARIANT]
+
+
+@torch.no_grad()
+def one_round(pcm, steps: int, n: int, seed: int) -> dict:
+    """rms distance to the fixed point after one Picard update (eq. 1) from ``X^0``, base model vs PCM."""
+    pipe, labels = _pipe(), torch.arange(n) % 10
+    sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    sm = step_map_for(sched)
+    x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    tr = picard_trajectories(sm, lambda lb: digits_denoiser(pipe, lb, GUIDANCE), x, labels, 1)
+    X, ref = tr.states[0], tr.reference[:, 1:]
+    k = torch.arange(steps).repeat(n)
+    lab = labels.repeat_interleave(steps)
+    out = {"steps": steps, "trajectories": n, "seed": seed,
+           "x0": {"trajectory": _rms(X, tr.reference[:, :-1]), "final": _rms(X[:, -1], tr.reference[:, -1])}}
+    for name, network in (("base", None), ("pcm", pcm.model)):
+        den = digits_denoiser(pipe, lab, GUIDANCE, network)
+        phi = picard_update(sm, X, den(X.flatten(0, 1), sm.timesteps[k]).view_as(X))
+        out[name] = {"trajectory": _rms(phi, ref), "final": _rms(phi[:, -1], ref[:, -1])}
+    print(f"  one round DDIM-{steps} x {n}: rms to X* from X^0 {out['x0']['trajectory']:.4f}, base "
+          f"{out['base']['trajectory']:.4f} (final point {out['base']['final']:.4f}), PCM {out['pcm']['trajectory']:.4f}"
+          f" ({out['pcm']['final']:.4f})", flush=True)
+    return out
 
 
 @torch.no_grad()
 def fd_study(n: int, tols: dict, pcm, seed: int) -> dict:
     """FD-digits of ``n`` DDIM-25 samples (labels ``i % 10``) per method at the given tolerances."""
     pipe, labels = _pipe(), torch.arange(n) % 10
-    model, switch = digits_denoiser(pipe, labels, GUIDANCE), pcm_switch(pipe, labels, pcm)
+    model, switch = digits_denoiser(pipe, labels, GUIDANCE), pcm_switches(pipe, labels, pcm)
     config = dict(pipe.scheduler.config)
     x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed + 1))
     sm, noise, reference = trajectory(model, config, "ddim", 25, x, seed)
@@ -170,23 +220,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--switch-rounds", type=int, default=None)
     p.add_argument("--schedule", default=None)
     p.add_argument("--space", default=None)
+    p.add_argument("--pcm", type=Path, default=EMBEDDED_PCM_DIR, help="PCM directory (default: the shipped one)")
+    p.add_argument("--variants", default=PAPER_VARIANT, help="extra switching schedules, e.g. 'linear2,step1'")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--full", action="store_true", help="batch 8 on every sampler (default: DDIM-25 only)")
+    p.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (window 80; no PCM is trained for it)")
     p.add_argument("--out", type=Path, default=RESULTS / "pcm.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = {k: v for k, v in (("switch_rounds", args.switch_rounds), ("schedule", args.schedule),
                                  ("space", args.space)) if v is not None}
-    pcm = load_embedded_pcm(**options)
+    pcm = PicardConsistencyModel.from_pretrained(args.pcm, **options)
     switch_lambdas(pcm.schedule, pcm.switch_rounds)
-    cases = [("ddim", 25, 25, 1), ("ddim", 50, 50, 1), ("ddim", 100, 100, 1), ("ddpm", 1000, 80, 1),
-             ("ddim", 25, 25, 8)]
-    if args.full:
-        cases += [("ddim", 50, 50, 8), ("ddim", 100, 100, 8), ("ddpm", 1000, 80, 8)]
+    _VARIANTS[:] = [v for v in args.variants.split(",") if v]
+    for v in _VARIANTS:
+        name = v.rstrip("0123456789")
+        switch_lambdas(name, int(v[len(name):]))
+    cases = [(k, s, w, b) for b in (1, 8) for k, s, w in (("ddim", 25, 25), ("ddim", 50, 50), ("ddim", 100, 100))]
+    if args.ddpm:
+        cases += [("ddpm", 1000, 80, 1)]
     if args.quick:
         cases = [("ddim", 25, 25, 1), ("ddim", 25, 25, 8)]
     start = time.perf_counter()
-    studies = [study(kind, steps, window, batch, args.seed + i, pcm, METHODS, args.quick)
+    rounds1 = [one_round(pcm, steps, 4 if args.quick else 16, args.seed + 200 + steps) for steps in (25, 50, 100)]
+    methods = METHODS + tuple(f"pcm[{v}]+{base}" for v in _VARIANTS for base in ("picard", "newton"))
+    studies = [study(kind, steps, window, batch, args.seed + i, pcm, methods, args.quick)
                for i, (kind, steps, window, batch) in enumerate(cases)]
     b8 = next(s for s in studies if s["sampler"] == "DDIM-25" and s["batch"] == 8)
     tols = {m: (r["best"]["0.001"] or {}).get("tolerance") for m, r in b8["methods"].items()}
@@ -199,17 +256,17 @@ def main(argv: list[str] | None = None) -> dict:
             "rounds_at_1e-2": {m: (r["best"]["0.01"] or {}).get("rounds") for m, r in s["methods"].items()},
             "seconds_at_1e-3": {"sequential": s["sequential"]["seconds"],
                                 **{m: (r["best"]["0.001"] or {}).get("seconds") for m, r in s["methods"].items()}},
-            "pcm+newton_vs_paradigms": s["ratios_at_0.001"].get("pcm+newton_vs_paradigms"),
-            "pcm+picard_vs_picard": s["ratios_at_0.001"].get("pcm+picard_vs_picard"),
+            "ratios_at_1e-3": s["ratios_at_0.001"],
         }
     result = {
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
                  "machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
                  "diffusers": diffusers.__version__, "guidance_scale": GUIDANCE, "targets": list(TARGETS),
-                 "pcm": {"schedule": pcm.schedule, "switch_rounds": pcm.switch_rounds, "space": pcm.space,
-                         "trained_grids": pcm.meta.get("grids"), "training_seed": pcm.meta["training"].get("seed")},
+                 "pcm": {"path": str(args.pcm), "schedule": pcm.schedule, "switch_rounds": pcm.switch_rounds,
+                         "space": pcm.space, "update": pcm.update, "variants": _VARIANTS,
+                         "trained_grids": pcm.meta.get("grids"), "training": pcm.meta["training"]},
                  "seconds": round(time.perf_counter() - start, 1), "quick": args.quick},
-        "summary": summary, "fd": fd, "studies": studies,
+        "summary": summary, "one_round": rounds1, "fd": fd, "studies": studies,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -4,6 +4,7 @@ method, the weight-space blend, checkpoint compatibility errors, the training se
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import diffusers as d
@@ -198,3 +199,94 @@ def test_readme_snippet():
     print(out.stats.rounds, out.stats.switch_round)  # rounds in all; the first round on the base model alone
     assert out.stats.converged and out.stats.switch_round == 2 + load_embedded_pcm().switch_rounds
     assert len(out.images) == 2
+
+
+@pytest.mark.parametrize("method", ["picard", "newton"])
+def test_switch_round_is_the_picard_update(method):
+    """With ``update="picard"`` a switching round is eq. (1) with the PCM's outputs, whatever the method;
+    ``update="method"`` applies the method's own update instead (different for Newton)."""
+    sm, x, noise, _ = _oracle_setup("ddim")
+    K, B = sm.num_steps, x.shape[0]
+    assert torch.all(sm.input_scale == 1)
+    seen = []
+    pcm = lambda u, t: seen.append((u, OTHER(u, t))) or seen[-1][1]  # noqa: E731
+    first = ORACLE(x, sm.timesteps[:1].expand(B))
+    runs = {}
+    for update in ("picard", "method"):
+        seen.clear()
+        sw = dataclasses.replace(ModelSwitch.feature(pcm, "step", 1), update=update)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # stopped on purpose after the switching round
+            runs[update], st = sample_parallel(sm, ORACLE, x, method=method, first_output=first, max_rounds=2,
+                                               model_switch=sw)
+        assert st.rounds == 2 and st.switch_round == 3 and len(seen) == 1  # warm start, PCM round
+    u, out = (v.view(K - 1, B, -1) for v in seen[0])  # points 1..K-1 of X^0
+    states = torch.cat([x[None], u]).transpose(0, 1)  # [B, K, 16]
+    outputs = torch.cat([first[None], out]).transpose(0, 1)
+    phi = picard_update(sm.to(dtype=x.dtype), states, outputs)
+    assert (runs["picard"] - phi[:, -1]).abs().max() < 1e-10
+    if method == "newton":
+        assert (runs["method"] - phi[:, -1]).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="update must be one of"):
+        ModelSwitch(lambda lam: OTHER, (1.0,), update="newton")
+
+
+def test_base_check_is_cached_but_sees_changed_weights(pipe, monkeypatch):
+    """The full weight hash runs once per base model; any later write to a base weight is still caught."""
+    import fastdiff.samplers.pcm as pcm_mod
+
+    pcm = _perturbed_pcm(pipe)
+    base = copy.deepcopy(pipe.transformer)
+    calls = []
+    full = pcm_mod.fingerprint_module
+    monkeypatch.setattr(pcm_mod, "fingerprint_module", lambda m: calls.append(1) or full(m))
+    for _ in range(3):
+        pcm.check_base(base, pipe.scheduler)
+    assert len(calls) == 1
+    weight = next(base.parameters())
+    for change in ("inplace", "data", "load_state_dict"):
+        edited = copy.deepcopy(base.state_dict())
+        if change == "inplace":
+            with torch.no_grad():
+                weight.add_(1e-3)
+        elif change == "data":  # bypasses the version counter: the norm probe catches it
+            weight.data.mul_(1.01)
+        else:
+            edited[next(iter(edited))] = edited[next(iter(edited))] + 1e-3
+            base.load_state_dict(edited)
+        with pytest.raises(ValueError, match="another base model"):
+            pcm.check_base(base, pipe.scheduler)
+        base.load_state_dict(pipe.transformer.state_dict())  # restored: accepted again
+        pcm.check_base(base, pipe.scheduler)
+
+
+def test_training_options(tmp_path):
+    """eq. (2)'s alpha(r) = 1 / sqrt(Var(r)) (normalised), round_probs, init from a PCM checkpoint, bad options."""
+    from fastdiff.samplers.pcm import PCMTrainer
+
+    tiny = {"grids": [["ddim", 4]], "trajectories": [2], "rounds": 3, "points_per_step": 8}
+    t = PCMTrainer(tiny)
+    loss = t.training_loss(None, None, None)
+    data = t._cache[0]
+    var = (data.states - data.reference[None, :, :-1]).pow(2).flatten(2).mean((1, 2)).clamp(min=1e-6)
+    assert torch.allclose(data.alpha, var.rsqrt() / var.rsqrt().mean()) and data.alpha[-1] > data.alpha[0]
+    assert loss.requires_grad and torch.isfinite(loss)
+    assert torch.equal(PCMTrainer({**tiny, "round_weighting": "none"})._alpha(data), torch.ones(3))
+    only0 = PCMTrainer({**tiny, "round_weighting": "none", "round_probs": [1, 0, 0]})
+    only0._cache = [data]
+    with torch.no_grad():  # round 0 only: the loss of X^0 alone
+        sm, K = data.step_map.to(dtype=torch.float32), 4
+        X = data.states[0]
+        den = digits_denoiser(only0.pipe, data.labels.repeat_interleave(K), 1.0, only0.model)
+        phi = picard_update(sm, X, den(X.flatten(0, 1), sm.timesteps[torch.arange(K).repeat(2)]).view_as(X))
+        per = (phi - data.reference[:, 1:]).pow(2).flatten(1).mean(1)
+        got = float(only0.training_loss(None, None, None))  # two trajectories drawn with replacement
+        assert got in [pytest.approx(float(v), rel=1e-4) for v in (per[0], per[1], per.mean())]
+    pcm = _perturbed_pcm(only0.pipe)
+    pcm.save_pretrained(tmp_path / "pcm")
+    cont = PCMTrainer({**tiny, "init": str(tmp_path / "pcm")})
+    assert all(torch.equal(a, b) for a, b in zip(cont.model.state_dict().values(), pcm.model.state_dict().values()))
+    for bad, match in (({"round_weighting": "sqrt"}, "round_weighting"), ({"round_probs": [1, 0]}, "round_probs"),
+                       ({"round_probs": [0, 0, 0]}, "round_probs")):
+        with pytest.raises(ValueError, match=match):
+            PCMTrainer({**tiny, **bad})

@@ -40,7 +40,8 @@ progress flag per ``sync_every`` rounds.
 
 ``model_switch`` (a :class:`fastdiff.samplers.pcm.ModelSwitch`, e.g. from a Picard Consistency Model) runs
 the first rounds of any method with another denoiser (PCM's model switching, So et al. 2025): those rounds
-apply the method's update but accept no point, and the base model takes over at ``stats.switch_round``,
+apply the Picard update the PCM is trained for (or, with ``update="method"``, the method's own) but accept no
+point, and the base model takes over at ``stats.switch_round``,
 from where the solve is the usual one (so ``tolerance=0`` is still exact).
 """
 
@@ -538,7 +539,7 @@ class _Solver:
     # ---------------------------------------------------------------- loops
     def switch_phase(self, b_host: int, limit: int) -> None:
         """Model switching: rounds ``j = 0 .. switch_round-1`` evaluate the first window with
-        ``switch.denoiser(j, base)`` and apply the method's update (every point of the window moves, none is
+        ``switch.denoiser(j, base)`` and apply ``switch.update`` (every point of the window moves, none is
         accepted: their inputs are not the base model's). Secant data of those rounds is dropped, so the base
         phase that follows is the plain solve from an improved initial trajectory."""
         sw, n = self.switch, min(self.W, self.K - b_host)
@@ -546,12 +547,16 @@ class _Solver:
             return
         b = self.begin
         k = b + torch.arange(n, device=b.device)
+        method = self.method
         for j in range(sw.switch_round):
             if self.stats.rounds >= limit:
                 break
             self.current = sw.denoiser(j, self.den)
             x0, eps = self.evaluate(k, self.traj[k], n)
+            # the PCM is trained for the Picard update (eq. 1 of fastdiff.samplers.pcm); "method" keeps the solver's
+            self.method = "picard" if getattr(sw, "update", "picard") == "picard" else method
             self.update(b, k, x0, eps, exact=0)
+            self.method = method
             self.extend(b + n, b + n - 1)
         self.current = self.den
         self.seen.zero_()

@@ -1,51 +1,59 @@
 """Picard Consistency Model (PCM; So, Shin, Jang & Park, CVPR 2025, arXiv 2503.19731): a trained accelerator
 for parallel sampling that still converges exactly to the base model's sequential sample.
 
-Sources. The arXiv HTML's abstract and its Figure 2 caption could be read (through the ``pages`` search
-corpus); the method section's equations could not, and no official code was found (``/work/shared/anchors.md``:
-"no public code found"). Each formula below says where it comes from: **[paper]** the abstract / Figure 2
-caption, **[ParaDiGMS]** Shih et al. 2023 (arXiv 2305.16317, the Picard iteration PCM accelerates),
-**[fastdiff]** a choice of ours, named as such.
+Sources. **[paper]**: the arXiv HTML (abstract, Figure 2's caption; read through the ``pages`` search corpus,
+which stores the page's opening only) and, for the method section's equations, a paper-notes summary of it
+(``pcm_picard_consistency_model_for_fast_parallel_sampling_of_diffusion_models.md``, CVPR 2025 paper notes, read
+through the ``code`` corpus; the equations below are its transcription of the paper's). No official code was found.
+**[ParaDiGMS]** Shih et al. 2023 (arXiv 2305.16317): the Picard iteration PCM accelerates. **[fastdiff]**: a choice
+of ours, named as such; each has an option that restores the paper's form where the two differ.
 
 Picard iteration [ParaDiGMS]. With the sampler's step map ``x_{k+1} = F_k(x_k, f_theta(x_k, t_k))``
 (:mod:`fastdiff.samplers.steps`) over ``K`` steps, a trajectory ``X = (x_0 .. x_K)`` is updated by
 
-    (1)  Phi_theta(X)_{k+1} = x_0 + sum_{j <= k} ( F_j(x_j, f_theta(x_j, t_j)) - x_j ),       k = 0 .. K-1
+    (1)  Phi(X; theta)_{k+1} = x_0 + sum_{j <= k} ( F_j(x_j, f_theta(x_j, t_j)) - x_j ),       k = 0 .. K-1
 
-(the cumulative-drift update, ``method="picard"`` of :func:`~fastdiff.samplers.parallel.sample_parallel`),
-and ``X^{r+1} = Phi_theta_base(X^r)`` converges to the fixed point ``X*``: sequential sampling.
+(the cumulative-drift update, ``method="picard"`` of :func:`~fastdiff.samplers.parallel.sample_parallel`), and
+``X^{k+1} = Phi(X^k; theta_base)`` converges to the fixed point ``X*``: sequential sampling. (The paper writes
+``k`` for the Picard iteration; here ``r`` is the iteration and ``k`` the trajectory point, as in the code.)
 
-Picard consistency training [paper, Fig. 2: "training with a loss function that minimizes the distance between
-a random point on the Picard trajectory and the fixed-point solution X*"]. The PCM predictor ``theta_PCM`` (the
-base architecture, initialised from ``theta_base``, fine-tuned in full here) is trained so that one Picard
-update with it, from any iterate ``X^r`` of the base model's Picard trajectory, lands on the fixed point:
+Picard consistency training [paper]. A dataset of base-model Picard trajectories ``{X^0, X^1, .., X^R = X*}`` is
+collected first (:func:`picard_trajectories`, cached at the first training step); the PCM ``theta_PCM`` (the base
+architecture initialised from ``theta_base``) is trained so that one Picard update with it, from any iterate,
+lands on the fixed point:
 
-    (2)  L(theta) = E_{x_0, c, r ~ U{0..R-1}} [ mean_k || Phi_theta(X^r)_{k+1} - X*_{k+1} ||^2 ]
+    (2)  L(theta) = E_{X ~ D, r ~ U{0..R-1}} [ alpha(r) D(X*, Phi(X^r; theta)) ],   alpha(r) = 1 / sqrt(Var(r))
 
-``X^r`` and ``X*`` are produced by the frozen base model (:func:`picard_trajectories`, [paper] "a random point
-on the Picard trajectory"); ``d`` = mean squared error, ``R`` (``rounds``), the iterate distribution (the
-engine's own iterates: warm start with the base's first output, Gaussian-model extrapolation, window = ``K``,
-tolerance 0) and training on several step grids at once are [fastdiff]. The trained weights are the EMA of the
-training weights ([paper]: "EMA stabilization"; the training script's ``train.ema_decay``).
+with ``D`` the (squared) L2 distance, ``alpha`` balancing the iterates' very different distances to ``X*``
+(``round_weighting: inverse_std``; ``Var(r)`` is estimated as the cache's mean squared distance of round-``r``
+iterates to their fixed points [fastdiff: the paper's estimator could not be read]), the weights an EMA of the
+training weights (paper: decay 0.999; ``train.ema_decay``), Adam at lr 1e-4 (paper). Options [fastdiff]:
+``round_weighting: none`` (``alpha = 1``), ``round_probs`` (a distribution over ``r`` in place of the uniform
+one, e.g. stressing ``r = 0``, the iterate the first PCM round sees at inference), ``init`` (continue from a PCM
+checkpoint), a cache of ``R`` iterates per trajectory rather than the whole trajectory to convergence, and
+training on several step grids at once. The iterates are the engine's own (warm start with the base's first
+output, Gaussian-model extrapolation, window = ``K``, tolerance 0). The paper fine-tunes in full ("PCM") or a LoRA
+("PCM-LoRA"); fastdiff's shipped PCM is a full fine-tune (``peft`` is not a dependency).
 
-Model switching [paper: "we smoothly transition from our trained model theta_PCM to the original model
-theta_base using a scheduling function lambda(k) in feature space or weight space through LoRA"]. Picard
-iteration ``k`` evaluates
+Model switching [paper]. Picard iteration ``r`` evaluates
 
-    (3a) feature space:  f_k(x, t) = lambda(k) f_theta_PCM(x, t) + (1 - lambda(k)) f_theta_base(x, t)
-    (3b) weight space:   f_k(x, t) = f_{theta_base + lambda(k) Delta}(x, t),   Delta = theta_PCM - theta_base
+    (3a) feature space:  X^{r+1} = lambda(r) Phi(X^r; theta_PCM) + (1 - lambda(r)) Phi(X^r; theta_base)
+    (3b) weight space:   W_r = W_base + lambda(r) Delta W   (the paper's LoRA scale; here Delta = theta_PCM - theta_base)
+    (4)  lambda(r) = max(0, min(1, 1 - s r / R_s))      (the paper's linear schedule, stiffness ``s``)
 
-with ``lambda`` decreasing to 0, so the iteration ends as the base model's and converges to its fixed point.
-The paper's ``Delta`` is a LoRA adapter (``lambda`` scales it); fastdiff's shipped PCM is a full fine-tune,
-so (3b) interpolates all weights, which is the same map for a low-rank ``Delta`` [fastdiff]. The schedule
-shapes (:data:`SCHEDULES`: ``"step"`` 1 then 0, ``"linear"`` ``1 - k/s``, ``"cosine"``) over ``s =
-switch_rounds`` iterations are [fastdiff] (the paper's exact ``lambda(k)`` could not be read). (3a) needs both
-models in the rounds with ``0 < lambda < 1`` (two batched calls), (3b) one.
+``Phi`` is affine in the model output, so (3a) is the blend ``lambda f_PCM + (1 - lambda) f_base`` of the two
+outputs (what :meth:`ModelSwitch.denoiser` evaluates). (4) is :data:`SCHEDULES` ``"linear"`` with
+``switch_rounds = R_s / s`` (``lambda = 1 - r / switch_rounds`` while positive); ``"step"`` (1 then 0) and
+``"cosine"`` are [fastdiff] options. The shipped PCM's default (its ``pcm_config.json`` ``inference``) is the
+one that measured best in ``benchmarks/pcm.py``. (3b) with a full fine-tune interpolates all weights, which is
+the same map as scaling a low-rank ``Delta`` [fastdiff]. (3a) needs both models in the rounds with
+``0 < lambda < 1`` (two batched calls), (3b) one.
 
 Exactness [fastdiff]. Inside :func:`~fastdiff.samplers.parallel.sample_parallel` the ``lambda > 0`` rounds
-move every point of the first window but accept none; the base model takes over at ``stats.switch_round``
-and from there the method is unchanged (every round accepts at least one exact step), so any method works with
-a switch and ``tolerance=0`` reproduces sequential sampling to float precision.
+apply eq. (1) (``ModelSwitch.update = "picard"``, what the PCM is trained for, whatever the method; ``"method"``
+applies the method's own update) to every point of the first window but accept none; the base model takes over
+at ``stats.switch_round`` and from there the method is unchanged (every round accepts at least one exact step), so
+any method works with a switch and ``tolerance=0`` reproduces sequential sampling to float precision.
 
 Checkpoints (:class:`PicardConsistencyModel`) record a fingerprint of the base weights and of the noise
 schedule (``alphas_cumprod``, prediction type); using one with another base model or schedule raises a
@@ -59,6 +67,7 @@ import copy
 import hashlib
 import json
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +80,9 @@ from .parallel import sample_parallel
 from .steps import Denoiser, StepMap, apply_step, denoise, model_input, sample_sequential, step_map_for
 
 SCHEDULES = ("step", "linear", "cosine")
+ROUND_WEIGHTINGS = ("inverse_std", "none")
+UPDATES = ("picard", "method")
+VAR_FLOOR = 1e-6  # eq. 2's Var(r) floor (latent units squared)
 SPACES = ("feature", "weight")
 CONFIG_NAME = "pcm_config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -78,10 +90,11 @@ EMBEDDED_PCM_DIR = Path(__file__).resolve().parents[1] / "models" / "digits_pcm"
 
 
 # ------------------------------------------------------------------------------------------- lambda(k)
-def switch_lambdas(schedule: str = "step", switch_rounds: int = 1) -> tuple[float, ...]:
-    """``lambda(k)`` for ``k = 0 .. switch_rounds-1`` (all > 0; ``lambda(k) = 0`` from ``switch_rounds`` on).
+def switch_lambdas(schedule: str = "linear", switch_rounds: int = 2) -> tuple[float, ...]:
+    """``lambda(r)`` for rounds ``r = 0 .. switch_rounds-1`` (all > 0; ``lambda(r) = 0`` from ``switch_rounds`` on).
 
-    ``"step"``: 1; ``"linear"``: ``1 - k / switch_rounds``; ``"cosine"``: ``(1 + cos(pi k / switch_rounds)) / 2``.
+    ``"linear"``: ``1 - r / switch_rounds``, the paper's eq. (4) ``max(0, min(1, 1 - s r / R_s))`` with
+    ``switch_rounds = R_s / s``; [fastdiff] ``"step"``: 1; ``"cosine"``: ``(1 + cos(pi r / switch_rounds)) / 2``.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -104,11 +117,14 @@ class ModelSwitch:
             ``"weight"`` space the denoiser with weights ``theta_base + lam (theta_PCM - theta_base)``.
         lambdas: ``lambda(k)`` of the rounds before the switch (:func:`switch_lambdas`), each in ``(0, 1]``.
         space: ``"feature"`` (eq. 3a) or ``"weight"`` (eq. 3b).
+        update: the update those rounds apply: ``"picard"`` (eq. 1, what the PCM is trained for, whatever the
+            solver's method) or ``"method"`` (the solver's own, e.g. Newton's linearised update).
     """
 
     accelerated: Callable[[float], Denoiser]
     lambdas: tuple[float, ...] = (1.0,)
     space: str = "feature"
+    update: str = "picard"
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -116,12 +132,14 @@ class ModelSwitch:
         if not callable(self.accelerated):
             raise TypeError(f"accelerated must be callable as accelerated(lam) -> denoiser, got "
                             f"{type(self.accelerated).__name__}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
         if any(not (0 < float(v) <= 1) for v in self.lambdas):
             raise ValueError(f"lambdas must lie in (0, 1] (rounds with lambda = 0 are the base model's), got "
                              f"{self.lambdas}")
 
     @classmethod
-    def feature(cls, pcm_denoiser: Denoiser, schedule: str = "step", switch_rounds: int = 1) -> ModelSwitch:
+    def feature(cls, pcm_denoiser: Denoiser, schedule: str = "linear", switch_rounds: int = 2) -> ModelSwitch:
         """Feature-space switching (eq. 3a) to a PCM given as a plain denoiser."""
         return cls(lambda lam: pcm_denoiser, switch_lambdas(schedule, switch_rounds), "feature")
 
@@ -149,6 +167,38 @@ def fingerprint_module(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (probe, fingerprint)
+
+
+def _probe(module: nn.Module) -> tuple:
+    """What must stay the same for a module's fingerprint to stay valid: each parameter's and buffer's identity,
+    version counter (bumped by every in-place write: ``copy_``, ``load_state_dict``, optimiser steps), storage
+    pointer, shape, dtype and device, plus each floating tensor's norm (one fused device reduction and a single
+    host read; it catches writes through ``.data``, which bypass the version counter)."""
+    tensors = list(module.state_dict(keep_vars=True).items())
+    key = tuple((name, id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for name, t in tensors)
+    floats = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel()]
+    with torch.no_grad():
+        by_device: dict = {}
+        for t in floats:  # torch._foreach_norm wants one device (and dtype) per call
+            by_device.setdefault((t.device, t.dtype), []).append(t)
+        norms = tuple(v for group in by_device.values()
+                      for v in torch.stack(torch._foreach_norm(group)).double().cpu().tolist())
+    return key, norms
+
+
+def cached_fingerprint(module: nn.Module) -> str:
+    """:func:`fingerprint_module`, recomputed only when :func:`_probe` says a parameter or buffer may have changed
+    (the full hash reads every weight on the host: slow for a large model on an accelerator)."""
+    probe = _probe(module)
+    hit = _VERIFIED.get(module)
+    if hit is not None and hit[0] == probe:
+        return hit[1]
+    fp = fingerprint_module(module)
+    _VERIFIED[module] = (probe, fp)
+    return fp
+
+
 def fingerprint_schedule(scheduler: Any) -> dict:
     """What a PCM depends on in the noise schedule: ``alphas_cumprod`` (hashed) and the prediction type."""
     ac = getattr(scheduler, "alphas_cumprod", None)
@@ -166,20 +216,23 @@ class PicardConsistencyModel:
         model: the PCM denoiser network (the base architecture, fine-tuned).
         meta: what it was trained for: ``base_fingerprint``, ``schedule`` (:func:`fingerprint_schedule`),
             ``guidance_scale``, ``grids`` and the training settings.
-        schedule, switch_rounds, space: the switching of :class:`ModelSwitch` (defaults: the checkpoint's
-            ``inference`` entry, else ``"step"``, 1, ``"feature"``).
+        schedule, switch_rounds, space, update: the switching of :class:`ModelSwitch` (defaults: the checkpoint's
+            ``inference`` entry, else the paper's: ``"linear"``, 2, ``"feature"``, ``"picard"``).
     """
 
     def __init__(self, model: nn.Module, meta: dict, schedule: str | None = None, switch_rounds: int | None = None,
-                 space: str | None = None) -> None:
+                 space: str | None = None, update: str | None = None) -> None:
         inference = meta.get("inference", {})
         self.model, self.meta = model.eval().requires_grad_(False), meta
-        self.schedule = schedule or inference.get("schedule", "step")
-        self.switch_rounds = inference.get("switch_rounds", 1) if switch_rounds is None else switch_rounds
+        self.schedule = schedule or inference.get("schedule", "linear")
+        self.switch_rounds = inference.get("switch_rounds", 2) if switch_rounds is None else switch_rounds
         self.space = space or inference.get("space", "feature")
+        self.update = update or inference.get("update", "picard")
         switch_lambdas(self.schedule, self.switch_rounds)  # validates both
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
         self._blend: nn.Module | None = None
 
     # ---------------------------------------------------------------- io
@@ -207,7 +260,7 @@ class PicardConsistencyModel:
         if type(base_model).__name__ != self.meta["class_name"]:
             raise ValueError(f"this PCM was trained for a {self.meta['class_name']} base model, got "
                              f"{type(base_model).__name__}")
-        got = fingerprint_module(base_model)
+        got = cached_fingerprint(base_model)
         if got != self.meta["base_fingerprint"]:
             raise ValueError(f"this PCM was trained for another base model (weights fingerprint "
                              f"{self.meta['base_fingerprint']}, the pipeline's is {got}); train one for this model "
@@ -227,7 +280,7 @@ class PicardConsistencyModel:
         self.model.to(device, dtype)
         if self.space == "feature":
             pcm = make_denoiser(self.model)
-            return ModelSwitch(lambda lam: pcm, lambdas, "feature")
+            return ModelSwitch(lambda lam: pcm, lambdas, "feature", self.update)
 
         def at(lam: float) -> Denoiser:
             if lam == 1.0:
@@ -240,11 +293,12 @@ class PicardConsistencyModel:
                     pw.copy_(pb + lam * (pp - pb))
             return make_denoiser(self._blend)
 
-        return ModelSwitch(at, lambdas, "weight")
+        return ModelSwitch(at, lambdas, "weight", self.update)
 
     def with_options(self, **options: Any) -> PicardConsistencyModel:
-        """The same PCM with other ``schedule`` / ``switch_rounds`` / ``space``."""
-        cur = {"schedule": self.schedule, "switch_rounds": self.switch_rounds, "space": self.space}
+        """The same PCM with other ``schedule`` / ``switch_rounds`` / ``space`` / ``update``."""
+        cur = {"schedule": self.schedule, "switch_rounds": self.switch_rounds, "space": self.space,
+               "update": self.update}
         return PicardConsistencyModel(self.model, self.meta, **{**cur, **options})
 
 
@@ -309,6 +363,7 @@ class Trajectories:
     states: torch.Tensor  # [R, N, K, ...]
     reference: torch.Tensor  # [N, K+1, ...]
     labels: torch.Tensor  # [N]
+    alpha: torch.Tensor | None = None  # eq. 2's alpha(r) per round, filled in by PCMTrainer
 
 
 @torch.no_grad()
@@ -385,7 +440,10 @@ DEFAULT_TRAIN_CONFIG: dict = {
     "points_per_step": 100,  # trajectory points per training step (trajectories = points // K)
     "guidance_scale": 1.0,
     "seed": 1234,  # the cache's initial latents (benchmarks use other seeds)
-    "inference": {"schedule": "step", "switch_rounds": 1, "space": "feature"},
+    "init": "base",  # [paper] initialised from the base weights; or a PCM directory to continue training from
+    "round_weighting": "inverse_std",  # [paper] alpha(k) = 1 / sqrt(Var(k)) (eq. 2); "none": [fastdiff] alpha = 1
+    "round_probs": None,  # [paper] None: k ~ U{0..R-1}; [fastdiff] a probability per round (e.g. stress round 0)
+    "inference": {"schedule": "linear", "switch_rounds": 2, "space": "feature"},
 }
 
 
@@ -412,10 +470,22 @@ class PCMTrainer(nn.Module):
             raise ValueError("model.config.trajectories needs one count per grid")
         if not isinstance(cfg["rounds"], int) or cfg["rounds"] < 1:
             raise ValueError(f"model.config.rounds must be an int >= 1, got {cfg['rounds']!r}")
+        if cfg["round_weighting"] not in ROUND_WEIGHTINGS:
+            raise ValueError(f"model.config.round_weighting must be one of {ROUND_WEIGHTINGS}, got "
+                             f"{cfg['round_weighting']!r}")
+        probs = cfg["round_probs"]
+        if probs is not None and (len(probs) != cfg["rounds"] or any(not (float(v) >= 0) for v in probs)
+                                  or not sum(probs) > 0):
+            raise ValueError(f"model.config.round_probs must be None or {cfg['rounds']} non-negative weights (one "
+                             f"per round), got {probs!r}")
         self.cfg, self.grids = cfg, grids
         pipe = _load_base(cfg["base"])
         object.__setattr__(self, "_pipe", pipe)  # frozen, not a submodule: no optimizer / EMA state for it
         self.model = copy.deepcopy(pipe.transformer).requires_grad_(True)
+        if cfg["init"] != "base":  # continue from a PCM checkpoint of this base model
+            start = PicardConsistencyModel.from_pretrained(cfg["init"])
+            start.check_base(pipe.transformer, pipe.scheduler)
+            self.model.load_state_dict(start.model.state_dict())
         self.config = self.model.config  # the training script reads model.config (sample size, channels)
         self._cache: list[Trajectories] | None = None
         self._gen = torch.Generator().manual_seed(int(cfg["seed"]) + 1)
@@ -456,7 +526,11 @@ class PCMTrainer(nn.Module):
         R, N, K = data.states.shape[:3]
         n = max(1, int(self.cfg["points_per_step"]) // K)
         idx = torch.randint(N, (n,), generator=self._gen)
-        r = torch.randint(R, (n,), generator=self._gen)
+        if self.cfg["round_probs"] is None:
+            r = torch.randint(R, (n,), generator=self._gen)
+        else:
+            r = torch.multinomial(torch.tensor(self.cfg["round_probs"], dtype=torch.float64), n, True,
+                                  generator=self._gen)
         device = next(self.model.parameters()).device
         states = data.states[r, idx].to(device)  # [n, K, ...]
         target = data.reference[idx, 1:].to(device)
@@ -468,7 +542,22 @@ class PCMTrainer(nn.Module):
         den = digits_denoiser(self.pipe, lab, float(self.cfg["guidance_scale"]), self.model)
         out = den(u, t).view_as(states)
         phi = picard_update(sm, states, out)
-        return (phi - target).pow(2).mean()
+        err = (phi - target).pow(2).flatten(1).mean(1)  # D: squared L2 per trajectory
+        return (self._alpha(data)[r].to(err) * err).mean()
+
+    def _alpha(self, data: Trajectories) -> torch.Tensor:
+        """``alpha(k)`` of eq. 2 per round: ``1 / sqrt(Var(k))`` with ``Var(k)`` the mean squared distance of the
+        cache's round-``k`` iterates to their fixed points, floored at :data:`VAR_FLOOR` (rms 1e-3: converged
+        iterates would otherwise weigh by float noise) [paper: the weighting; fastdiff: this estimate of Var and
+        its floor], normalised to mean 1 over the rounds; all ones for ``round_weighting: none``."""
+        R = data.states.shape[0]
+        if self.cfg["round_weighting"] == "none":
+            return torch.ones(R)
+        if data.alpha is None:
+            var = (data.states - data.reference[None, :, :-1]).pow(2).flatten(2).mean((1, 2))
+            a = var.clamp(min=VAR_FLOOR).rsqrt()
+            data.alpha = a / a.mean()
+        return data.alpha
 
     def save_pretrained(self, path: str | Path) -> None:
         save_pcm(self.model, self.metadata(), path)
@@ -476,7 +565,7 @@ class PCMTrainer(nn.Module):
     def metadata(self) -> dict:
         return pcm_metadata(self.pipe.transformer, self.pipe.scheduler, float(self.cfg["guidance_scale"]),
                             self.grids, {k: self.cfg[k] for k in ("trajectories", "rounds", "points_per_step", "seed",
-                                                                  "base")}, self.cfg["inference"])
+                                                                  "base", "init", "round_weighting", "round_probs")}, self.cfg["inference"])
 
 
 def pcm_metadata(base_model: nn.Module, scheduler: Any, guidance_scale: float = 1.0,
@@ -511,6 +600,6 @@ def _load_base(base: str):
 __all__ = [
     "DEFAULT_TRAIN_CONFIG", "EMBEDDED_PCM_DIR", "SCHEDULES", "SPACES", "ModelSwitch", "PCMTrainer",
     "PicardConsistencyModel", "Trajectories", "digits_denoiser", "fingerprint_module", "fingerprint_schedule",
-    "load_embedded_pcm", "pcm_metadata", "picard_trajectories", "picard_update", "resolve_pcm", "save_pcm", "switch_lambdas",
+    "cached_fingerprint", "load_embedded_pcm", "pcm_metadata", "picard_trajectories", "picard_update", "resolve_pcm", "save_pcm", "switch_lambdas",
     "using_network",
 ]
