@@ -22,6 +22,11 @@ Scoring (one rule, written down in the JSON's ``setup.scoring``):
   computed on the mean curve over seeds (headline) and per seed against the same-seed baseline (spread);
 * the paired FD change of each method against the same-seed baseline over the last evaluations.
 
+Budget: FD of every method falls to ~150 by step 200, rises to ~200 by step 400-1000, then falls (measured on
+the unconditional baseline, seed 0, with and without EMA at evaluation: 150 / 252 / 206 / 250 raw vs
+150 / 212 / 207 / 205 EMA at steps 200-800, so it is a phase of training, not EMA lag). A 400-step budget ends
+inside that bump and cannot score steps-to-target; the default is 2000 steps, evaluated every 200.
+
 Each run is a worker subprocess (``--worker``), so runs go in parallel (``--jobs``) and each has its own
 peak-RSS figure; a short side-by-side throughput measurement follows.
 """

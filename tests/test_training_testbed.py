@@ -119,3 +119,23 @@ def test_gradient_cosine_is_recorded_at_every_check_not_only_on_log_steps(tmp_pa
     cosines = {r["step"]: r["align/grad_cos"] for r in records if "align/grad_cos" in r}
     assert sorted(cosines) == [1, 3] and all(-1 <= c <= 1 for c in cosines.values())  # checks at steps 0 and 2
     assert [r["step"] for r in records if "loss" in r] == [4]  # the log steps are unchanged
+
+
+def test_gradient_angle_stop_waits_for_the_cosine_average_by_default():
+    from fastdiff.training.config import ConfigError, validate
+
+    tiny = [*TINY, "--haste"]
+    cfg = load_config(UNCOND, tiny)
+    termination = build_alignment(cfg, build_model(cfg)).termination
+    assert termination.min_step == 10 * cfg.align.grad_angle_every == 500
+    for step in (0, 50, 100):  # three early checks below 0 (seed 1 of the 2000-step benchmark) do not stop it
+        termination.report_gradient_cosine(step, -0.02)
+    assert termination.terminated_at is None
+    cfg = load_config(UNCOND, [*tiny, "align.grad_angle_min_step=0"])
+    termination = build_alignment(cfg, build_model(cfg)).termination
+    for step in (0, 50, 100):
+        termination.report_gradient_cosine(step, -0.02)
+    assert termination.terminated_at == 101  # the old behaviour, on request
+    for bad in ("-1", "1.5"):
+        with pytest.raises(ConfigError, match="align.grad_angle_min_step"):
+            validate(load_config(UNCOND, [*tiny, f"align.grad_angle_min_step={bad}"]))

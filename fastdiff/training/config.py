@@ -119,6 +119,8 @@ class AlignConfig:
     stop_step: int | None = None  # HASTE's fixed-iteration termination (plain REPA never stops)
     grad_angle_deg: float | None = None  # optional gradient-angle termination (HASTE)
     grad_angle_every: int = 50
+    # no gradient-angle stop before this step; null: 10 checks, the span of the cosine's EMA (0.9 per check)
+    grad_angle_min_step: int | None = None
     backend: str = "auto"  # attention-distillation backend
     cache_teacher: bool = False  # memoise teacher outputs per sample (datasets without augmentation)
 
@@ -334,6 +336,9 @@ def _align_errors(cfg: Config) -> list[str]:
                                          or not isinstance(a.grad_angle_deg, (int, float))
                                          or not 0 < a.grad_angle_deg < 180):
         errors.append(f"align.grad_angle_deg must be null (off) or a number in (0, 180); got {a.grad_angle_deg!r}")
+    if a.grad_angle_min_step is not None and (isinstance(a.grad_angle_min_step, bool)
+                                              or not isinstance(a.grad_angle_min_step, int) or a.grad_angle_min_step < 0):
+        errors.append(f"align.grad_angle_min_step must be null (10 checks) or an int >= 0; got {a.grad_angle_min_step!r}")
     for key in ("grad_angle_every", "projector_dim"):
         value = getattr(a, key)
         if _number(value) and value < 1:
