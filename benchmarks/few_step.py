@@ -24,8 +24,10 @@ step refines), on a smooth single-Gaussian oracle and on the first mixture.
 **dualfast**: on an exact score (no approximation error) DualFast can only add error; the change it makes vs the
 base solver's own error, per NFE.
 
-**digits**: FD-digits and class accuracy of ``--digits-images`` samples per cell on the embedded digits model
-(``fastdiff.compare.run_compare``: same noise and labels in every cell, the pipeline's default guidance scale).
+**digits**: FD-digits and class accuracy on the embedded digits model (``fastdiff.compare.run_compare``):
+``--digits-images`` images per cell for each of ``--digits-seeds``, the same noise and labels for every sampler
+within a seed, the pipeline's default guidance scale; FD of the pooled images, and DualFast's paired FD change vs
+its base solver per seed (its spread is the noise of the comparison).
 """
 
 from __future__ import annotations
@@ -61,12 +63,11 @@ ORACLES: dict[str, dict[str, Any]] = {
         mixture=dict(dim=64, num_components=6, std_range=(0.03, 0.4), seed=303),
         config={**SD, "timestep_spacing": "leading", "prediction_type": "epsilon"}),
 }
-OURS = ["accel_ddim", "accel_ddim_v2", "accel_ddim_paper", "accel_ddim_exact_score", "accel_ddim_data"]
+OURS = ["accel_ddim", "accel_ddim_v3", "accel_ddim_v2", "accel_ddim_paper"]
 DUALFAST_PAIRS = {"ddim": "ddim_dualfast", "dpmpp_2m": "dpmpp_2m_dualfast", "unipc": "unipc_dualfast",
                   "accel_ddim_v2": "accel_ddim_dualfast"}
-DIGITS_SAMPLERS = ["ddim", "ddim_dualfast", "ddim_dualfast_prediction", "dpmpp_2m", "dpmpp_2m_dualfast",
-                   "dpmpp_2m_dualfast_prediction", "unipc", "unipc_dualfast", "unipc_dualfast_prediction",
-                   "accel_ddim", "accel_ddim_v2", "accel_ddim_dualfast"]
+DIGITS_SAMPLERS = ["ddim", "ddim_dualfast", "dpmpp_2m", "dpmpp_2m_dualfast", "unipc", "unipc_dualfast", "accel_ddim_v2",
+                   "accel_ddim_dualfast", "accel_ddim", "accel_ddim_v3"]
 
 
 def environment() -> dict[str, Any]:
@@ -239,8 +240,10 @@ def order_section(args: argparse.Namespace) -> dict[str, Any]:
                                                 torch.ones(1), smooth_src.schedule)
     mixture = make_anisotropic_mixture(scheduler_config=ORACLES[next(iter(ORACLES))]["config"],
                                        **next(iter(ORACLES.values()))["mixture"])
-    variants = {"ddim": {"solver_order": 1}, "accel_ddim": few_step_update_settings(),
-                "accel_ddim_v2": {}, "accel_ddim_paper": {"interpolation": "alphas_cumprod", "max_step_ratio": None}}
+    variants = {"ddim": {"solver_order": 1}, "accel_ddim": few_step_update_settings(20),
+                "accel_ddim (8-14 steps)": few_step_update_settings(10),
+                "accel_ddim (1-7 steps)": few_step_update_settings(5), "accel_ddim_v2": {},
+                "accel_ddim_paper": {"interpolation": "alphas_cumprod", "max_step_ratio": None}}
     steps = [10, 20, 40, 80]
     out: dict[str, Any] = {"grid": "uniform in t, 999 -> 100 (fractional), exact ODE reference", "steps": steps}
     for oname, oracle in (("smooth (one anisotropic Gaussian, 16-d)", smooth), ("mixture A", mixture)):
@@ -295,7 +298,12 @@ def dualfast_section(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ digits
 def digits_section(args: argparse.Namespace) -> dict[str, Any]:
-    from fastdiff.compare import run_compare
+    """FD-digits per cell on ``--digits-images`` images for each of ``--digits-seeds`` (paired: every sampler gets
+    the same noise and labels within a seed). ``fd`` is the FD of all seeds' images pooled; ``fd_seeds`` the
+    per-seed values; ``paired`` holds, for each DualFast variant, the per-seed FD change vs its base solver (same
+    noise), whose spread across seeds is the noise of the comparison."""
+    from fastdiff.compare import _fd_to, run_compare
+    from fastdiff.metrics import evaluate_samples
     from fastdiff.models.digits import DEFAULT_GUIDANCE_SCALE, load_embedded_pipeline
     from fastdiff.samplers import registry
 
@@ -305,22 +313,69 @@ def digits_section(args: argparse.Namespace) -> dict[str, Any]:
         if name not in registry.available_samplers():
             registry.register_sampler(name, lambda cfg, name=name: make_scheduler(name, dict(cfg)), name)
     t0 = time.perf_counter()
-    result, _ = run_compare(args.digits_samplers, args.digits_nfe, pipe=pipe, num_images=args.digits_images,
-                            seed=args.seed, progress=False, reference=(args.digits_reference, args.digits_reference_steps))
+    pooled: dict[tuple[str, int], list[torch.Tensor]] = {}
+    per_seed: dict[str, dict[str, list[list[float]]]] = {}
+    settings: dict[str, Any] = {}
+    reference: dict[str, Any] = {}
+    for seed in args.digits_seeds:
+        result, images = run_compare(args.digits_samplers, args.digits_nfe, pipe=pipe, num_images=args.digits_images,
+                                     seed=seed, progress=False,
+                                     reference=(args.digits_reference, args.digits_reference_steps))
+        settings, reference = result.settings, result.reference
+        for key, imgs in images.items():
+            pooled.setdefault(key, []).append(imgs)
+        for cell in result.cells:
+            row = per_seed.setdefault(cell.sampler, {"fd": [[] for _ in args.digits_nfe],
+                                                     "rms_to_ref": [[] for _ in args.digits_nfe],
+                                                     "fd_to_ref": [[] for _ in args.digits_nfe]})
+            j = args.digits_nfe.index(cell.steps)
+            row["fd"][j].append(cell.fd)
+            row["rms_to_ref"][j].append(cell.rms_to_ref)
+            row["fd_to_ref"][j].append(cell.fd_to_ref)
+        print(f"[digits] seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    labels = torch.cat([torch.arange(args.digits_images) % 10 for _ in args.digits_seeds])
+    ref_all = torch.cat(pooled[("reference", args.digits_reference_steps)])
     table: dict[str, Any] = {}
-    for cell in result.cells:
-        row = table.setdefault(cell.sampler, {"fd": [], "accuracy": [], "nfe": [], "rms_to_ref": []})
-        row["fd"].append(cell.fd)
-        row["accuracy"].append(cell.accuracy)
-        row["nfe"].append(cell.nfe)
-        row["rms_to_ref"].append(cell.rms_to_ref)
-    for name, row in table.items():
-        print(f"[digits] {name:30s} FD " + " ".join(f"{v:.3f}" for v in row["fd"]), flush=True)
+    for name, row in per_seed.items():
+        out = table.setdefault(name, {"fd": [], "accuracy": [], "fd_to_ref": [], "rms_to_ref": [], "fd_seeds": row["fd"],
+                                      "fd_to_ref_seeds": row["fd_to_ref"]})
+        for j, n in enumerate(args.digits_nfe):
+            imgs = torch.cat(pooled[(name, n)])
+            m = evaluate_samples(imgs, labels, value_range=(0, 1), metric="digits")
+            out["fd"].append(m.fd)
+            out["accuracy"].append(m.accuracy)
+            out["fd_to_ref"].append(_fd_to(imgs, ref_all))
+            out["rms_to_ref"].append(sum(row["rms_to_ref"][j]) / len(row["rms_to_ref"][j]))
+        print(f"[digits] {name:30s} FD " + " ".join(f"{v:.3f}" for v in out["fd"]) + "  FD to conv. " +
+              " ".join(f"{v:.3f}" for v in out["fd_to_ref"]), flush=True)
+    paired: dict[str, Any] = {}
+    for base, name in DUALFAST_PAIRS.items():
+        for variant in (name, name + "_prediction"):
+            if variant in per_seed and base in per_seed:
+                diffs = [[a - b for a, b in zip(per_seed[variant]["fd"][j], per_seed[base]["fd"][j])]
+                         for j in range(len(args.digits_nfe))]
+                paired[variant] = {"base": base, "fd_change_seeds": diffs,
+                                   "fd_change_mean": [sum(d) / len(d) for d in diffs],
+                                   "fd_change_sem": [_sem(d) for d in diffs],
+                                   "fd_change_pooled": [table[variant]["fd"][j] - table[base]["fd"][j]
+                                                        for j in range(len(args.digits_nfe))]}
     model_cfg = json.loads((ROOT / "fastdiff/models/digits_pixart/transformer/config.json").read_text())
-    return {"settings": {**result.settings, "default_guidance_scale": DEFAULT_GUIDANCE_SCALE,
+    ref_m = evaluate_samples(ref_all, labels, value_range=(0, 1), metric="digits")
+    return {"settings": {**settings, "seed": None, "seeds": list(args.digits_seeds),
+                         "images_per_seed": args.digits_images, "num_images": args.digits_images * len(args.digits_seeds),
+                         "default_guidance_scale": DEFAULT_GUIDANCE_SCALE,
                          "transformer_patch_size": model_cfg.get("patch_size")},
-            "reference": result.reference, "steps": list(args.digits_nfe), "seconds": time.perf_counter() - t0,
-            "samplers": table}
+            "reference": {**reference, "fd": ref_m.fd, "accuracy": ref_m.accuracy, "pooled_images": len(ref_all)},
+            "steps": list(args.digits_nfe), "seconds": time.perf_counter() - t0, "samplers": table, "paired": paired}
+
+
+def _sem(values: list[float]) -> float:
+    """Standard error of the mean (nan for fewer than two values)."""
+    k = len(values)
+    if k < 2:
+        return float("nan")
+    mean = sum(values) / k
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k)
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -342,8 +397,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     order = result.get("order")
     if order:
         for oname, res in order.items():
-            if isinstance(res, dict) and "accel_ddim" in res:
-                worst = min(res["accel_ddim"]["order"])
+            if isinstance(res, dict) and "accel_ddim" in res:  # the updates the default uses at 10-80 steps
+                worst = min(min(res[k]["order"]) for k in ("accel_ddim", "accel_ddim (8-14 steps)") if k in res)
                 out[f"order >= 1.9 (10-80 steps), {oname}"] = {"min_order": worst, "met": worst >= 1.9}
     df = result.get("dualfast")
     if df:
@@ -353,18 +408,13 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                 out[f"dualfast exact-score change < base error / {name} / NFE {n}"] = {
                     "change": change, "base_error": own, "met": change < own}
     dg = result.get("digits")
-    if dg and "samplers" in dg:
-        tables = {f"guidance {dg['settings']['guidance_scale']}": dg["samplers"]}
-        if "samplers_guidance_2" in dg:
-            tables["guidance 2.0"] = dg["samplers_guidance_2"]["samplers"]
-        for tag, rows in tables.items():  # base and DualFast compared within one table only (same guidance)
-            for base, name in DUALFAST_PAIRS.items():
-                for variant in (name, name + "_prediction"):
-                    if variant in rows and base in rows:
-                        for j, n in enumerate(dg["steps"]):
-                            mine, ref = rows[variant]["fd"][j], rows[base]["fd"][j]
-                            out[f"digits FD lowered ({tag}) / {variant} / NFE {n}"] = {"fd": mine, "base_fd": ref,
-                                                                                      "met": mine < ref}
+    if dg and "paired" in dg:
+        for variant, pr in dg["paired"].items():
+            for j, n in enumerate(dg["steps"]):
+                mean, sem = pr["fd_change_mean"][j], pr["fd_change_sem"][j]
+                out[f"digits FD lowered / {variant} vs {pr['base']} / NFE {n}"] = {
+                    "fd_change": mean, "sem": sem, "fd_change_pooled": pr["fd_change_pooled"][j],
+                    "resolved": abs(mean) > 2 * sem, "met": mean < 0 and pr["fd_change_pooled"][j] < 0}
     return out
 
 
@@ -420,25 +470,31 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {nm} | " + " | ".join(f"{e:.4f}" for e in errs) + " |")
         lines.append("")
     dg = result.get("digits")
-    if dg and "samplers" in dg:
+    if dg and "samplers" in dg and "seeds" in dg["settings"]:
         env = dg.get("environment", {})
         st = dg["settings"]
-        lines += [f"**Embedded digits model** ({env.get('date')}, {env.get('device')}): FD-digits / class accuracy, "
-                  f"{st['num_images']} images per cell, guidance {st['guidance_scale']}, transformer patch size "
-                  f"{st.get('transformer_patch_size')}", "",
+        ref = dg["reference"]
+        lines += [f"**Embedded digits model** ({env.get('date')}, {env.get('device')}): FD-digits to the data / class "
+                  f"accuracy / FD to the converged samples ({ref['sampler']} x {ref['steps']}, FD-digits "
+                  f"{ref['fd']:.3f}), {st['images_per_seed']} images per seed and cell, seeds {st['seeds']} (paired: "
+                  f"same noise and labels for every sampler within a seed), FD of the {st['num_images']} images pooled; "
+                  f"guidance {st['guidance_scale']}, transformer patch size {st.get('transformer_patch_size')}", "",
                   "| sampler | " + " | ".join(f"steps {n}" for n in dg["steps"]) + " |",
                   "|---|" + "---:|" * len(dg["steps"])]
         for nm, row in dg["samplers"].items():
-            lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f}" for f, a in zip(row["fd"], row["accuracy"]))
-                         + " |")
+            lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f} / {r:.3f}" for f, a, r in zip(
+                row["fd"], row["accuracy"], row["fd_to_ref"])) + " |")
         lines.append("")
-        g2 = dg.get("samplers_guidance_2")
-        if g2:
-            lines += [f"Guidance 2.0 ({g2['note']}):", "", "| sampler | " + " | ".join(
-                f"steps {n}" for n in dg["steps"]) + " |", "|---|" + "---:|" * len(dg["steps"])]
-            for nm, row in g2["samplers"].items():
-                lines.append(f"| {nm} | " + " | ".join(f"{f:.3f} / {a:.3f}" for f, a in zip(row["fd"],
-                                                                                         row["accuracy"])) + " |")
+        if dg.get("paired"):
+            lines += ["**DualFast on the digits model**: FD-digits change vs its base solver (negative: DualFast "
+                      "better), per seed (paired noise), mean +- standard error over seeds, and on the pooled images",
+                      "", "| variant (base) | " + " | ".join(f"steps {n}" for n in dg["steps"]) + " |",
+                      "|---|" + "---:|" * len(dg["steps"])]
+            for nm, pr in dg["paired"].items():
+                cells = [f"{' '.join(f'{d:+.3f}' for d in pr['fd_change_seeds'][j])}; mean "
+                         f"{pr['fd_change_mean'][j]:+.3f} +- {pr['fd_change_sem'][j]:.3f}; pooled "
+                         f"{pr['fd_change_pooled'][j]:+.3f}" for j in range(len(dg["steps"]))]
+                lines.append(f"| {nm} ({pr['base']}) | " + " | ".join(cells) + " |")
             lines.append("")
     tg = result.get("targets", {})
     if tg:
@@ -449,7 +505,8 @@ def markdown(result: dict[str, Any]) -> str:
             detail = (f"ratio {v['ratio']:.2f} ({v['best_diffusers']})" if "ratio" in v else
                       f"min order {v['min_order']:.2f}" if "min_order" in v else
                       f"change {v['change']:.4f} vs base {v['base_error']:.4f}" if "change" in v else
-                      f"FD {v['fd']:.3f} vs base {v['base_fd']:.3f}")
+                      f"FD change {v['fd_change']:+.3f} +- {v['sem']:.3f} (pooled {v['fd_change_pooled']:+.3f}; "
+                      f"{'resolved' if v['resolved'] else 'within 2 standard errors'})")
             lines.append(f"- {k}: {detail}")
         lines.append("")
     return "\n".join(lines)
@@ -492,13 +549,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", type=lambda s: s.split(","), default=["oracle", "order", "dualfast"])
     p.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=NFES)
-    p.add_argument("--oracle-samples", type=int, default=1024)
+    p.add_argument("--oracle-samples", type=int, default=512)
     p.add_argument("--ode-steps", type=int, default=600, help="RK4 steps of the exact reference")
-    p.add_argument("--digits-images", type=int, default=300)
+    p.add_argument("--digits-images", type=int, default=256, help="images per seed and cell")
+    p.add_argument("--digits-seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--digits-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10])
     p.add_argument("--digits-samplers", type=lambda s: s.split(","), default=DIGITS_SAMPLERS)
     p.add_argument("--digits-reference", default="dpmpp_2m", help="sampler of the converged reference (rms column)")
-    p.add_argument("--digits-reference-steps", type=int, default=50)
+    p.add_argument("--digits-reference-steps", type=int, default=25)
     p.add_argument("--oracles", type=lambda s: s.split(","), default=None,
                    help="run only these oracles (letters, e.g. A,C); the others keep their stored results")
     p.add_argument("--seed", type=int, default=0)
@@ -527,11 +585,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old["oracles"].update(new["oracles"])
                 new = {**old, "oracles": {k: old["oracles"][k] for k in ORACLES if k in old["oracles"]},
                        "environment": new["environment"]}
-            key = ("steps", "num_images", "seed", "guidance_scale")
+            key = ("steps", "images_per_seed", "seeds", "guidance_scale")
             if name == "digits" and old and "samplers" in old and [old["steps"]] + [
                     old["settings"].get(k) for k in key[1:]] == [new["steps"]] + [new["settings"].get(k) for k in key[1:]]:
                 # same noise, labels and guidance: merge (other tables of the old section stay)
-                new = {**old, **new, "samplers": {**old["samplers"], **new["samplers"]}}
+                new = {**old, **new, "samplers": {**old["samplers"], **new["samplers"]},
+                       "paired": {**old.get("paired", {}), **new["paired"]}}
             result[name] = new
         # other runs may have written sections meanwhile: merge this run's sections into the file as it is now
         latest = json.loads(path.read_text()) if path.exists() else {}

@@ -427,6 +427,8 @@ def test_step_counts_and_custom_float_timesteps(oracle, x_T):
         offset.set_timesteps(1000)
     with pytest.raises(ValueError, match="solver_order"):
         AcceleratedDDIMScheduler(solver_order=4)
+    with pytest.raises(ValueError, match="solver_order=3 needs interpolation='log_snr'"):
+        AcceleratedDDIMScheduler(solver_order=3)
 
 
 def test_karras_and_auto_timestep_schedules():
@@ -451,9 +453,9 @@ def test_karras_and_auto_timestep_schedules():
 
 
 # ------------------------------------------------------------------------------------------------ corrector, log-SNR grid
-def reference_pc(model, schedule, timesteps, x, space, corrector_order):
+def reference_pc(model, schedule, timesteps, x, space, corrector_order, predictor_order=2):
     """Independent reference of the predictor-corrector: ``d`` (eps or x0) a polynomial in log-SNR through the
-    last 2 (predictor) / ``corrector_order`` (corrector) points by ``numpy.polyfit``, integrated in ``u = x / alpha``
+    last ``predictor_order`` (predictor) / ``corrector_order`` (corrector) points by ``numpy.polyfit``, integrated in ``u = x / alpha``
     (noise) or ``x / sigma`` (data) against ``d rho`` / ``d (alpha / sigma)`` by composite Simpson on 4001 points;
     the grid ends at ``t = 0``."""
     t_all = list(timesteps) + [0.0]
@@ -480,21 +482,22 @@ def reference_pc(model, schedule, timesteps, x, space, corrector_order):
         if corrector_order and i >= 1:
             nodes = list(range(i, max(i - corrector_order, -1), -1))
             x = scale[i] * (prev / scale[i - 1] + integral(nodes, i - 1, i, [hist[j] for j in nodes]))
-        nodes = list(range(i, max(i - 2, -1), -1))
+        nodes = list(range(i, max(i - predictor_order, -1), -1))
         prev = x
         x = scale[i + 1] * (x / scale[i] + integral(nodes, i, i + 1, [hist[j] for j in nodes]))
     return x
 
 
 @pytest.mark.parametrize("space", ["noise", "data"])
-@pytest.mark.parametrize("corrector_order", [0, 2, 3])
-def test_corrector_matches_independent_reference(space, corrector_order):
+@pytest.mark.parametrize("solver_order,corrector_order", [(2, 0), (2, 2), (2, 3), (3, 0), (3, 3), (3, 4)])
+def test_corrector_matches_independent_reference(space, solver_order, corrector_order):
     model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, solver_space=space, interpolation="log_snr",
-                                                 corrector_order=corrector_order, timestep_schedule="log_snr")
+                                                 solver_order=solver_order, corrector_order=corrector_order,
+                                                 timestep_schedule="log_snr")
     ours = sample_loop(sched, model, x, 7)
-    ref = reference_pc(model, model.schedule, sched.timesteps.tolist(), x, space, corrector_order)
+    ref = reference_pc(model, model.schedule, sched.timesteps.tolist(), x, space, corrector_order, solver_order)
     assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
     if corrector_order:  # the corrector changes the result (the test can fail)
         plain = sample_loop(AcceleratedDDIMScheduler.from_config(sched.config, corrector_order=0), model, x, 7)
@@ -520,6 +523,7 @@ def test_linear_form_equals_scheduler_and_step_map():
     model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for kw in ({"solver_space": "data", "interpolation": "log_snr", "corrector_order": 3},
+               {"solver_space": "data", "interpolation": "log_snr", "solver_order": 3, "corrector_order": 4},
                {"solver_space": "noise", "corrector_order": 2}, {"clip_sample": True, "corrector_order": 3}):
         sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_schedule="log_snr", **kw)
         ref = sample_loop(sched, model, x, 8)
@@ -550,33 +554,74 @@ def test_corrector_raises_the_order():
 
 
 def test_few_step_default_and_log_snr_grid():
-    from fastdiff.samplers.accelerated_ddim import FEW_STEP_SETTINGS
+    from fastdiff.samplers.accelerated_ddim import FEW_STEP_REGIMES, FEW_STEP_SETTINGS
 
     config = {**SD_SCHEDULER_CONFIG, "timestep_spacing": "leading"}
     sched = make_scheduler("accel_ddim", config)
     assert all(sched.config[k] == v for k, v in FEW_STEP_SETTINGS.items())
-    sched.set_timesteps(8)
+    sched.set_timesteps(20)
     t = sched.timesteps.tolist() + [0.0]
     lam = sched.noise_schedule.log_snr(torch.tensor(t, dtype=torch.float64))
-    assert t[0] == 999 and len(t) == 9 and sched.coefficients.space == "data"
+    assert t[0] == 999 and len(t) == 21 and sched.coefficients.space == "data"
     # uniform in log-SNR (up to mapping levels to timesteps by interpolating log(sigma / alpha) between integers)
-    torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(8), rtol=5e-3, atol=0)
-    # below low_step_switch (8): fastdiff v2's sampler, step for step
+    # (at 20 steps the last level falls between t = 0 and t = 1: 3 % there)
+    torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(20), rtol=4e-2, atol=0)
+    torch.testing.assert_close(lam.diff()[:15], lam.diff().mean().expand(15), rtol=5e-3, atol=0)
+    assert sched.coefficients.predictor is not None and sched.coefficients.corrector is not None  # 3rd order + C
+    # 8-14 steps: the log-SNR grid warped to power 0.9 (levels lam_top + u^0.9 (lam_end - lam_top))
+    sched.set_timesteps(10)
+    lam = sched.noise_schedule.log_snr(torch.tensor(sched.timesteps.tolist() + [0.0], dtype=torch.float64))
+    u = torch.linspace(0, 1, 11, dtype=torch.float64) ** 0.9
+    torch.testing.assert_close(lam, lam[0] + u * (lam[-1] - lam[0]), rtol=0, atol=2e-2)
+    assert sched.coefficients.predictor is None and sched.coefficients.corrector is not None
+    # each regime is exactly the scheduler configured with its settings
     model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for n, (_, settings) in zip((5, 9, 16), FEW_STEP_REGIMES):
+        plain = AcceleratedDDIMScheduler.from_config(config, timestep_schedule="log_snr", **settings)
+        torch.testing.assert_close(sample_loop(sched, model, x, n), sample_loop(plain, model, x, n), rtol=0, atol=0)
+        assert sched.timesteps.tolist() == plain.timesteps.tolist()
+        assert sched.settings_for(n) == plain.settings_for(n)
+    assert sched.coefficients.space == "data" and sched.settings_for(5)["solver_space"] == "noise"
+    # custom timesteps take the update of their count
+    sched.set_timesteps(timesteps=[999, 600, 300, 100, 20])
+    assert sched.coefficients.space == "noise" and sched.coefficients.predictor is not None
+    # v3 stays a named option: v2's sampler below 8 steps, step for step
+    v3 = make_scheduler("accel_ddim_v3", config)
     for n in (5, 7):
         v2 = make_scheduler("accel_ddim_v2", config)
-        torch.testing.assert_close(sample_loop(sched, model, x, n), sample_loop(v2, model, x, n), rtol=0, atol=0)
-        assert sched.timesteps.tolist() == v2.timesteps.tolist() and sched.coefficients.corrector is None
+        torch.testing.assert_close(sample_loop(v3, model, x, n), sample_loop(v2, model, x, n), rtol=0, atol=0)
+        assert v3.timesteps.tolist() == v2.timesteps.tolist() and v3.coefficients.corrector is None
     with pytest.raises(ValueError, match="low_step_switch"):
         AcceleratedDDIMScheduler(low_step_switch=-1)
     clean = AcceleratedDDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "set_alpha_to_one": True},
                                                  timestep_schedule="log_snr")
     clean.set_timesteps(6)  # ends at clean data: t = 0 is the last timestep
     assert clean.timesteps[0] == 999 and clean.timesteps[-1] == 0 and len(clean.timesteps) == 6
-    for bad in (1, 4, True):
+    for bad in (1, 5, True):
         with pytest.raises(ValueError, match="corrector_order"):
             AcceleratedDDIMScheduler(corrector_order=bad)
+
+
+@pytest.mark.parametrize("regimes,match", [
+    ("x", "step_regimes must be None or a list"), ([[1]], "the entry"), ([[0, {}]], "min_steps"),
+    ([[3, {}], [3, {}]], "strictly increasing"), ([[1, {"eta": 1}]], "unknown settings"),
+    ([[1, {"solver_order": 3}]], "solver_order=3 needs"), ([[1, {"log_snr_power": 0}]], "log_snr_power"),
+    ([[1, {"solver_space": "x"}]], "solver_space")])
+def test_step_regimes_bad_arguments(regimes, match):
+    with pytest.raises(ValueError, match=match):
+        AcceleratedDDIMScheduler(step_regimes=regimes)
+
+
+def test_step_regimes_round_trip(tmp_path):
+    sched = make_scheduler("accel_ddim", SD_SCHEDULER_CONFIG)
+    sched.save_config(tmp_path)
+    again = AcceleratedDDIMScheduler.from_pretrained(tmp_path)
+    for n in (5, 10, 20):
+        sched.set_timesteps(n)
+        again.set_timesteps(n)
+        assert torch.equal(sched.timesteps, again.timesteps)
+        torch.testing.assert_close(sched.coefficients.linear_form(), again.coefficients.linear_form(), rtol=0, atol=0)
 
 
 def test_broken_history_skips_the_corrector():

@@ -94,7 +94,7 @@ SPECS = {
     "accel_ddim_data": Spec(AcceleratedDDIMScheduler, DDIMScheduler, {"solver_space": "data"}, {"solver_order": 1}),
     "accel_ddim_few_step": Spec(AcceleratedDDIMScheduler, DDIMScheduler, FEW_STEP_SETTINGS,  # the default's config
                                 {"solver_order": 1, "corrector_order": 0, "timestep_schedule": "spacing",
-                                 "low_step_switch": 0}),
+                                 "low_step_switch": 0, "step_regimes": None}),
     "accel_ddpm": Spec(AcceleratedDDIMScheduler, DDIMScheduler, {"stochastic": True}),
     "ddim_dualfast": Spec(DDIMDualFastScheduler, DDIMScheduler, {}, DUALFAST_OFF),
     "accel_ddim_dualfast": Spec(AcceleratedDDIMDualFastScheduler, DDIMScheduler, {},
@@ -328,7 +328,7 @@ def test_steps_offset(name):
         check_over(spec, config={"steps_offset": offset})
     # a config that picks its own grid (fastdiff's default: log-SNR / v2's trailing, both from the top) ignores
     # timestep_spacing and steps_offset by design: the pinned DDIM grid is checked with the spacing grid
-    grid = {k: v for k, v in spec.off.items() if k in ("timestep_schedule", "low_step_switch")}
+    grid = {k: v for k, v in spec.off.items() if k in ("timestep_schedule", "low_step_switch", "step_regimes")}
     sched = spec.cls(**{**spec.config(steps_offset=1), **grid})
     sched.set_timesteps(5)
     if spec.base is DDIMScheduler:
