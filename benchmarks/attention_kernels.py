@@ -7,9 +7,18 @@ Sections, side by side in one run, written to ``benchmarks/results/attention_ker
   16384, head dim 64 and 128, bf16 (FLOPs: forward ``4 B H N^2 d``, backward 2.5x the forward, as
   FlashAttention's benchmarks count them; batch x heads chosen so B N = 16384 tokens, H d = 1024).
 * ``distillation``: peak memory and time (forward + backward) of HASTE's attention loss from the student's
-  Q, K, V and the teacher's Q, K: the fused kernel (teacher Q/K, and teacher probabilities) against the
-  materialised reference (``fastdiff.training.haste.materialized_attention`` after forming the teacher's
-  probabilities), and against SDPA flash attention plus the reference loss alone.
+  Q, K, V and the teacher's Q, K: the fused kernel (teacher Q/K, and teacher probabilities) and the chunked
+  PyTorch loss (teacher Q/K) against the materialised reference
+  (``fastdiff.training.haste.materialized_attention`` after forming the teacher's probabilities), and
+  against SDPA flash attention plus the reference loss alone.
+* ``memory_lean`` (CPU and GPU): HASTE's attention backends at N = 1024, 4096, 16384 (output + loss,
+  forward + backward; the chunked loss with the teacher's Q/K vs the materialised reference with the
+  teacher's probabilities formed) and ``haste_step``: one whole HASTE training step (teacher run, REPA +
+  two attention pairs, backward) with the teacher handing over Q/K and ``backend="auto"`` vs the reference
+  (teacher probabilities, ``"materialized"``). On CPU each measurement runs in a child process whose address
+  space is capped (``--cpu-cap-gib``, default 4): peak memory is the child's peak resident set above its
+  resident set before the call (``/proc/self/status`` VmHWM after resetting it), and a path that cannot
+  allocate within the cap is recorded as such instead of exhausting a shared machine.
 * ``int8``: forward time of ``fastdiff-int8`` vs SDPA flash (fp16) and output cosine similarity to the
   fp16 SDPA output; ``end_to_end``: the sample difference with ``fastdiff-int8`` (on the denoiser only, and on
   every model of the pipeline) on the embedded digits model and a tiny Stable Diffusion pipeline, same noise.
@@ -22,6 +31,7 @@ On a machine without CUDA it runs everything at tiny sizes through Triton's inte
 
     python benchmarks/attention_kernels.py            # GPU: full run (~5 min on an H100/H200)
     python benchmarks/attention_kernels.py --quick    # fewer sizes
+    python benchmarks/attention_kernels.py --only memory_lean   # one section (merged into the JSON)
     bash benchmarks/gpu_checks.sh                     # the GPU checks, one command
 """
 
@@ -32,6 +42,8 @@ import datetime
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,10 +59,13 @@ import triton  # noqa: E402
 
 import fastdiff  # noqa: E402
 from fastdiff.kernels.accuracy import close_to_reference, cosine  # noqa: E402
+from fastdiff.kernels.chunked import chunked_attention_loss, haste_chunked_backend  # noqa: E402
 from fastdiff.kernels.dispatch import BACKENDS  # noqa: E402
 from fastdiff.kernels.distillation import attention_distillation, attention_distillation_reference  # noqa: E402
 from fastdiff.kernels.flash import attention_reference, flash_attention  # noqa: E402
+from fastdiff.kernels.haste_backend import haste_fused_backend  # noqa: E402
 from fastdiff.kernels.int8 import int8_attention  # noqa: E402
+from fastdiff.kernels.targets import TeacherAttention  # noqa: E402
 from fastdiff.training.haste import attention_cross_entropy, materialized_attention  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -173,6 +188,11 @@ def _distillation_row(n: int, device: torch.device, dtype: torch.dtype, b: int, 
         out, loss = attention_distillation(q, k, v, teacher_probs=teacher_probs())
         torch.autograd.grad((out * dout).sum() + loss, (q, k, v))
 
+    def chunked_qk():  # the no-triton path: SDPA output + the chunked PyTorch loss
+        out = BACKENDS["sdpa-flash" if device.type == "cuda" else "sdpa"].run(q, k, v, None, scale)
+        loss = chunked_attention_loss(q, k, TeacherAttention(query=tq, key=tk))
+        torch.autograd.grad((out * dout).sum() + loss, (q, k, v))
+
     def reference():  # HASTE's released path: materialised logits, the teacher's probabilities formed too
         result = materialized_attention(q, k, v, scale, None, teacher_probs())
         torch.autograd.grad((result.output * dout).sum() + result.loss, (q, k, v))
@@ -188,6 +208,7 @@ def _distillation_row(n: int, device: torch.device, dtype: torch.dtype, b: int, 
     row: dict[str, Any] = {"n": n, "batch": b, "heads": h, "head_dim": d, "teacher_heads": h_t,
                            "teacher_head_dim": d_t, "dtype": str(dtype)}
     for name, fn in [("fused_teacher_qk", fused_qk), ("fused_teacher_probs", fused_probs),
+                     ("chunked_teacher_qk", chunked_qk),
                      ("materialized_reference", reference), ("sdpa_flash", sdpa_flash),
                      ("reference_loss_only", reference_loss_only)]:
         mem, err = guarded(lambda fn=fn: peak_memory(fn, device))
@@ -202,6 +223,163 @@ def distillation(device: torch.device, sizes: list[int], dtype: torch.dtype, **s
         rows.append(_distillation_row(n, device, dtype, **shape))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# ------------------------------------------------------------------------------------ memory-lean HASTE
+BACKEND_CASES = {  # name: (HASTE attention backend, target the teacher hands over)
+    "chunked_teacher_qk": (haste_chunked_backend, "qk"),
+    "fused_teacher_qk": (haste_fused_backend, "qk"),
+    "materialized_reference": (materialized_attention, "probs"),
+}
+STEP_CASES = {"auto_teacher_qk": ("auto", "qk"), "materialized_reference": ("materialized", "probs")}
+
+
+def _backend_case(name: str, n: int, device: torch.device, dtype: torch.dtype, b: int, h: int, d: int, h_t: int,
+                  d_t: int) -> Callable[[], Any]:
+    """Forward + backward of one HASTE attention backend (output and loss) at ``n`` tokens; the reference
+    forms the teacher's probabilities from its Q/K, as a teacher handing them over would."""
+    q, k, v = qkv(b, h, n, d, dtype, device, grad=True)
+    tq, tk, _ = qkv(b, h_t, n, d_t, dtype, device, seed=1)
+    dout = torch.randn_like(q)
+    fn, handed = BACKEND_CASES[name]
+    target = TeacherAttention(query=tq, key=tk, scale=d_t**-0.5)
+
+    def run():
+        result = fn(q, k, v, d**-0.5, None, target if handed == "qk" else target.dense())
+        torch.autograd.grad((result.output * dout).sum() + result.loss, (q, k, v))
+
+    return run
+
+
+def _step_case(name: str, n: int, device: torch.device, dtype: torch.dtype, batch: int, heads: int, head_dim: int,
+               teacher_dim: int, teacher_heads: int) -> Callable[[], Any]:
+    """One HASTE training step of a 2-block PixArt at ``n`` tokens (patch 2) against a 2-block DigitsViT
+    teacher (patch 2, random weights): teacher run, REPA (block 1) + attention pairs (0, 0), (1, 1), backward."""
+    from diffusers import PixArtTransformer2DModel
+
+    from fastdiff.training import REPA, TeacherAlignment
+    from fastdiff.training.teachers.vit import DigitsViT
+
+    side = int(round(n ** 0.5)) * 2
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        sample_size=side, in_channels=1, out_channels=1, patch_size=2, num_layers=2, num_attention_heads=heads,
+        attention_head_dim=head_dim, cross_attention_dim=heads * head_dim, caption_channels=8, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=False, attention_bias=True).to(device, dtype).train()
+    teacher = DigitsViT(image_size=side, patch_size=2, dim=teacher_dim, depth=2, heads=teacher_heads,
+                        num_classes=0).to(device, dtype)
+    backend, handed = STEP_CASES[name]
+    align = TeacherAlignment(teacher, REPA(heads * head_dim, teacher_dim, block_index=1, projector_dim=256),
+                             [(0, 0), (1, 1)], backend=backend, teacher_attention=handed).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    noisy, clean = (torch.randn(batch, 1, side, side, device=device, dtype=dtype, generator=g) for _ in range(2))
+    inputs = dict(hidden_states=noisy, encoder_hidden_states=torch.randn(batch, 3, 8, device=device, dtype=dtype),
+                  timestep=torch.full((batch,), 500, device=device))
+    params = [*model.parameters(), *align.parameters()]
+
+    def run():
+        target = align.run_teacher(clean, n)
+        with align.capture(model, target):
+            sample = model(**inputs).sample
+        ran = [p.ran for p in align._processors]
+        loss = sample.float().square().mean() + align.losses()["align"]
+        torch.autograd.grad(loss, params, allow_unused=True)
+        return ran
+
+    return run
+
+
+_CASES = {"backend": _backend_case, "step": _step_case}
+
+
+def _proc_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _child(spec: dict) -> dict:
+    """One CPU measurement (run by a child process): inputs built, then the address space capped at
+    ``cap_gib`` above it; peak memory of the first call (peak RSS above the RSS before it: later calls
+    reuse memory the allocator kept), time the faster of two calls."""
+    torch.set_num_threads(1)
+    shape = spec["shape"]
+    fn = _CASES[spec["case"]](spec["name"], spec["n"], torch.device("cpu"), getattr(torch, spec["dtype"]), **shape)
+    resource.setrlimit(resource.RLIMIT_AS, (_proc_bytes("VmSize") + int(spec["cap_gib"] * 2**30), resource.RLIM_INFINITY))
+    out: dict[str, Any] = {}
+    try:
+        times = []
+        base = _proc_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        for _ in range(2):
+            t = time.perf_counter()
+            ran = fn()
+            times.append(time.perf_counter() - t)
+            out.setdefault("peak_mib", (_proc_bytes("VmHWM") - base) / 2**20)
+        out.update(ms=min(times) * 1e3, error=None)
+        if ran:
+            out["backends_ran"] = ran
+    except (RuntimeError, MemoryError) as err:
+        message = str(err).splitlines()[0][:160]
+        out = {"ms": None, "peak_mib": None,
+               "error": (f"cannot allocate within the {spec['cap_gib']} GiB cap" if "allocate" in message.lower()
+                         or isinstance(err, MemoryError) else f"error: {message}")}
+    return out
+
+
+def _measure(case: str, name: str, n: int, device: torch.device, dtype: torch.dtype, shape: dict,
+             cap_gib: float) -> dict:
+    if device.type == "cuda":
+        fn = _CASES[case](name, n, device, dtype, **shape)
+        mem, err = guarded(lambda: peak_memory(fn, device))
+        ms, err2 = (None, err) if err else guarded(lambda: bench(fn, device))
+        out = {"ms": ms, "peak_mib": mem, "error": err or err2}
+        if err is None:
+            ran, _ = guarded(fn)
+            if ran:
+                out["backends_ran"] = ran
+        del fn
+        torch.cuda.empty_cache()
+        return out
+    spec = {"case": case, "name": name, "n": n, "dtype": str(dtype).removeprefix("torch."), "shape": shape,
+            "cap_gib": cap_gib}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}  # "auto" as on any CPU: no interpreter
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"ms": None, "peak_mib": None, "error": f"child exited {proc.returncode}: {tail[0][:160]}"}
+    return json.loads(lines[-1])
+
+
+def memory_lean(device: torch.device, sizes: list[int], dtype: torch.dtype, backend_shape: dict, step_shape: dict,
+                cap_gib: float) -> dict:
+    """HASTE's attention backends and whole HASTE steps: teacher Q/K + lean loss vs the materialised reference."""
+    backends = [n for n in BACKEND_CASES if device.type == "cuda" or n != "fused_teacher_qk"]
+    result: dict[str, Any] = {"backend_shape": backend_shape, "step_shape": step_shape, "dtype": str(dtype),
+                              "cpu_cap_gib": cap_gib if device.type != "cuda" else None, "backends": [], "haste_step": []}
+    for n in sizes:
+        row = {"n": n, **{name: _measure("backend", name, n, device, dtype, backend_shape, cap_gib)
+                          for name in backends}}
+        result["backends"].append(row)
+        print(json.dumps(row), flush=True)
+    for n in sizes:
+        row = {"n": n, **{name: _measure("step", name, n, device, dtype, step_shape, cap_gib) for name in STEP_CASES}}
+        result["haste_step"].append(row)
+        print(json.dumps(row), flush=True)
+    for rows in (result["backends"], result["haste_step"]):
+        for row in rows:
+            ref = row["materialized_reference"]
+            for name, cell in row.items():
+                if isinstance(cell, dict) and name != "materialized_reference" and cell.get("peak_mib") \
+                        and ref.get("peak_mib"):
+                    cell["memory_vs_reference"] = cell["peak_mib"] / ref["peak_mib"]
+                    cell["time_vs_reference"] = cell["ms"] / ref["ms"]
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- int8
@@ -341,7 +519,7 @@ def correctness(device: torch.device, dtypes: list[torch.dtype], cases: list[tup
 # ------------------------------------------------------------------------------------------------ targets
 def targets(result: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    tp = result["throughput"]
+    tp = result.get("throughput", [])
     for kind, key, goal in [("forward", "fwd_tflops", 0.8), ("forward+backward", "fwd_bwd_tflops", 0.7)]:
         ratios = []
         for row in tp:
@@ -354,7 +532,7 @@ def targets(result: dict) -> dict[str, dict]:
         worst = min((r["ratio"] for r in ratios), default=None)
         out[f"triton_{kind}_vs_sdpa_flash"] = {"target": f">= {goal}x at N >= 1024", "ratios": ratios,
                                                "worst": worst, "met": worst is not None and worst >= goal}
-    for row in result["distillation"]:
+    for row in result.get("distillation", []):
         if row["n"] != 4096:
             continue
         fused, ref = row["fused_teacher_qk"], row["materialized_reference"]
@@ -367,13 +545,24 @@ def targets(result: dict) -> dict[str, dict]:
         out["distillation_time_n4096"] = {"target": "<= SDPA flash fwd+bwd + reference loss", "fused_ms": fused["ms"],
                                           "budget_ms": budget, "met": None if budget is None or fused["ms"] is None
                                           else fused["ms"] <= budget}
-    big = next((r for r in result["distillation"] if r["n"] == 16384), None)
+    big = next((r for r in result.get("distillation", []) if r["n"] == 16384), None)
     if big is not None:
         out["distillation_runs_n16384"] = {"target": "fused runs where the reference runs out of memory",
                                            "fused": big["fused_teacher_qk"]["error"] or "ran",
                                            "reference": big["materialized_reference"]["error"] or "ran",
                                            "met": big["fused_teacher_qk"]["error"] is None}
-    int8 = [r for r in result["int8"] if r["n"] >= 4096]
+    lean = result.get("memory_lean")
+    if lean:
+        for key, lean_name in (("backends", "chunked_teacher_qk"), ("haste_step", "auto_teacher_qk")):
+            big = next((r for r in lean[key] if r["n"] == 16384), None)
+            if big is None:
+                continue
+            lean_cell, ref = big[lean_name], big["materialized_reference"]
+            out[f"{key}_{lean_name}_runs_n16384"] = {
+                "target": "runs at N = 16384 where the materialised reference runs out of memory",
+                "lean": lean_cell["error"] or "ran", "reference": ref["error"] or "ran",
+                "backends_ran": lean_cell.get("backends_ran"), "met": lean_cell["error"] is None}
+    int8 = [r for r in result.get("int8", []) if r["n"] >= 4096]
     out["int8_faster_than_sdpa_flash_n4096"] = {
         "target": "speedup > 1 and cosine >= 0.999 at N >= 4096",
         "rows": [{k: r[k] for k in ("n", "head_dim", "speedup", "cosine_to_fp16")} for r in int8],
@@ -384,51 +573,90 @@ def targets(result: dict) -> dict[str, dict]:
                                         "met": all(r["passed"] for r in result["correctness"])}
     if result["mode"] != "gpu":  # interpreter timings and no memory figures: nothing to judge
         for name, target in out.items():
-            if name != "kernel_correctness":
+            if name != "kernel_correctness" and "_runs_n16384" not in name:
                 target["met"] = None
                 target["why"] = "not measurable without a GPU (interpreter timings, no CUDA memory statistics)"
     return out
 
 
+SECTIONS = ("correctness", "memory_lean", "throughput", "distillation", "int8", "end_to_end")
+
+
+def _sections(device: torch.device, quick: bool, cap_gib: float) -> dict[str, Callable[[], Any]]:
+    """What each section runs on this device (GPU: full sizes; CPU: interpreter at tiny sizes, and the
+    memory-lean PyTorch paths at N = 1024, 4096, 16384)."""
+    if device.type == "cuda":
+        sizes = [1024, 4096] if quick else [256, 1024, 4096, 16384]
+        bf16 = torch.bfloat16
+        return {
+            "correctness": lambda: correctness(device, [bf16, torch.float16, torch.float32]),
+            "memory_lean": lambda: memory_lean(device, [4096] if quick else [4096, 16384], bf16,
+                                               dict(b=2, h=16, d=72, h_t=12, d_t=64),
+                                               dict(batch=2, heads=16, head_dim=72, teacher_dim=768, teacher_heads=12),
+                                               cap_gib),
+            "throughput": lambda: throughput(device, sizes, [64, 128], bf16, tokens=16384, width=1024),
+            "distillation": lambda: distillation(device, [1024, 4096] if quick else [1024, 4096, 16384], bf16, b=2,
+                                                 h=16, d=72, h_t=12, d_t=64),
+            "int8": lambda: int8_kernel(device, sizes, [64, 128], tokens=16384, width=1024),
+            "end_to_end": lambda: end_to_end(device, steps=25, images=4),
+        }
+    f32 = torch.float32
+    return {
+        "correctness": lambda: correctness(device, [f32, torch.float16], GPU_CASES[:1]),
+        "memory_lean": lambda: memory_lean(device, [1024, 4096] if quick else [1024, 4096, 16384], f32,
+                                           dict(b=1, h=2, d=64, h_t=2, d_t=64),
+                                           dict(batch=1, heads=2, head_dim=32, teacher_dim=64, teacher_heads=2), cap_gib),
+        "throughput": lambda: throughput(device, [64], [64], f32, tokens=64, width=128),
+        "distillation": lambda: distillation(device, [64], f32, b=1, h=2, d=72, h_t=2, d_t=64),
+        "int8": lambda: int8_kernel(device, [64], [64], tokens=64, width=128),
+        "end_to_end": lambda: end_to_end(device, steps=1, images=1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU: N = 1024, 4096)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
+                        help="run these sections only, merged into the existing JSON")
+    parser.add_argument("--cpu-cap-gib", type=float, default=4.0,
+                        help="CPU memory_lean: address-space cap of each measuring child process (GiB)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child(json.loads(args.child))), flush=True)
+        return {}
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
+    out = args.out or RESULTS / ("attention_kernels.json" if cuda else "attention_kernels_cpu.json")
+    result: dict[str, Any] = json.loads(out.read_text()) if args.only and out.is_file() else {}
     if cuda:
-        sizes = [1024, 4096] if args.quick else [256, 1024, 4096, 16384]
-        result: dict[str, Any] = {"mode": "gpu", "note": "compiled Triton kernels, autotuned; bf16 throughput"}
-        result["correctness"] = correctness(device, [torch.bfloat16, torch.float16, torch.float32])
-        result["throughput"] = throughput(device, sizes, [64, 128], torch.bfloat16, tokens=16384, width=1024)
-        result["distillation"] = distillation(device, [1024, 4096, 16384], torch.bfloat16, b=2, h=16, d=72,
-                                              h_t=12, d_t=64)
-        result["int8"] = int8_kernel(device, sizes, [64, 128], tokens=16384, width=1024)
-        result["end_to_end"] = end_to_end(device, steps=25, images=4)
+        result.update(mode="gpu", note="compiled Triton kernels, autotuned; bf16 throughput")
     else:
         torch.set_num_threads(1)
-        result = {"mode": "cpu-interpreter",
-                  "note": "NO GPU: Triton kernels ran through TRITON_INTERPRET=1 (numpy) at tiny sizes in fp32; "
-                          "timings measure the interpreter, not the kernels, and no target can be judged; "
-                          "peak memory is not measured on CPU. Run benchmarks/gpu_checks.sh on a GPU."}
-        result["correctness"] = correctness(device, [torch.float32, torch.float16], GPU_CASES[:1])
-        result["throughput"] = throughput(device, [64], [64], torch.float32, tokens=64, width=128)
-        result["distillation"] = distillation(device, [64], torch.float32, b=1, h=2, d=72, h_t=2, d_t=64)
-        result["int8"] = int8_kernel(device, [64], [64], tokens=64, width=128)
-        result["end_to_end"] = end_to_end(device, steps=1, images=1)
-    result["targets"] = targets(result)
+        result.update(mode="cpu-interpreter",
+                      note="NO GPU: Triton kernels ran through TRITON_INTERPRET=1 (numpy) at tiny sizes in fp32; "
+                           "timings measure the interpreter, not the kernels, and no kernel target can be judged. "
+                           "memory_lean measures the PyTorch paths (chunked loss, teacher Q/K) against the "
+                           "materialised reference on one CPU thread, peak memory as child-process RSS. "
+                           "Run benchmarks/gpu_checks.sh on a GPU.")
     result.update({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                      "cuda": torch.version.cuda, "backends": [n for n, b in BACKENDS.items() if b.installed()]},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     })
-    out = args.out or RESULTS / ("attention_kernels.json" if cuda else "attention_kernels_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    torch.manual_seed(0)
+    for name, run in _sections(device, args.quick, args.cpu_cap_gib).items():
+        if args.only and name not in args.only:
+            continue
+        t = time.perf_counter()
+        result[name] = run()
+        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        result["targets"] = targets(result)
+        result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: partial runs keep results
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {out}")
     return result

@@ -75,8 +75,20 @@ def test_bad_teachers_are_refused(interpret):
         attention_distillation(q, k, v, teacher_query=tq, teacher_key=tk, reduction="sum")
 
 
-def _haste_step(model, inputs, backend):
-    targets = [torch.softmax(torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(i)), -1) for i in (5, 6)]
+def _teacher_targets(kind):
+    from fastdiff.kernels.targets import TeacherAttention
+
+    if kind == "probs":
+        return [torch.softmax(torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(i)), -1) for i in (5, 6)]
+    fine = 64 if kind == "pooled" else 16  # pooled: an 8x8 teacher grid read on the student's 4x4
+    qk = [TeacherAttention(query=torch.randn(2, 2, fine, 12, generator=torch.Generator().manual_seed(i)),
+                           key=torch.randn(2, 2, fine, 12, generator=torch.Generator().manual_seed(i + 10)))
+          for i in (5, 6)]
+    return [t.pooled(2) for t in qk] if kind == "pooled" else qk
+
+
+def _haste_step(model, inputs, backend, kind="probs"):
+    targets = _teacher_targets(kind)
     model.zero_grad(set_to_none=True)
     with haste.capture_attention(model, [0, 2], targets, backend=backend) as procs:
         sample = model(**inputs).sample
@@ -86,12 +98,13 @@ def _haste_step(model, inputs, backend):
     return sample.detach(), loss.detach(), grads
 
 
-def test_haste_fused_backend_matches_the_materialised_path(interpret, pixart, monkeypatch):
+@pytest.mark.parametrize("kind", ["probs", "qk", "pooled"])
+def test_haste_fused_backend_matches_the_materialised_path(interpret, pixart, monkeypatch, kind):
     model, inputs = pixart
     monkeypatch.setitem(haste._BACKENDS, "fused", haste_fused_backend)
-    assert haste.resolve_attention_backend("auto") == "fused"
-    fused = _haste_step(model, inputs, "auto")
-    reference = _haste_step(model, inputs, "materialized")
+    assert haste.resolve_attention_backend("auto", inputs["hidden_states"]) == "fused"
+    fused = _haste_step(model, inputs, "auto", kind)
+    reference = _haste_step(model, inputs, "materialized", kind)
     torch.testing.assert_close(fused[0], reference[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused[1], reference[1], rtol=1e-5, atol=1e-6)
     assert fused[2].keys() == reference[2].keys() and len(fused[2]) > 10
@@ -111,3 +124,46 @@ def test_haste_fused_backend_falls_back_on_cpu_without_the_interpreter(monkeypat
     assert [r.message for r in caplog.records].count(
         "fastdiff HASTE fused attention: the kernel needs CUDA (or TRITON_INTERPRET=1 on CPU), got cpu tensors; "
         "using the materialised reference") <= 1
+    from fastdiff.kernels.targets import TeacherAttention
+
+    qk = TeacherAttention(query=torch.randn(1, 2, 6, 4), key=torch.randn(1, 2, 6, 4))
+    with caplog.at_level(logging.WARNING):
+        got = haste_fused_backend(q, q, q, 0.3, None, qk)  # queries and keys: the memory-lean chunked loss
+    torch.testing.assert_close(got.loss, haste.materialized_attention(q, q, q, 0.3, None, qk).loss)
+    assert "using the chunked PyTorch loss" in caplog.records[-1].message
+
+
+def test_haste_training_with_the_fused_kernel_and_teacher_queries_and_keys(interpret, pixart, monkeypatch):
+    """Two HASTE optimisation steps (digits ViT teacher handing over Q/K, the fused kernel) against the
+    reference (teacher probabilities, materialised loss): the same losses step by step."""
+    import copy
+
+    from fastdiff.training import REPA, TeacherAlignment
+    from fastdiff.training.teachers.vit import DigitsViT
+
+    monkeypatch.setitem(haste._BACKENDS, "fused", haste_fused_backend)
+    clean = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def train(teacher_attention, backend):
+        model, inputs = copy.deepcopy(pixart[0]).train(), pixart[1]
+        torch.manual_seed(1)
+        teacher = DigitsViT(image_size=8, patch_size=2, dim=16, depth=3, heads=2, num_classes=0)
+        align = TeacherAlignment(teacher, REPA(16, 16, block_index=1, projector_dim=8), [(0, 1), (1, 2)],
+                                 backend=backend, teacher_attention=teacher_attention)
+        opt = torch.optim.SGD([*model.parameters(), *align.parameters()], lr=0.1)
+        record = []
+        for _ in range(2):
+            target = align.run_teacher(clean, 16)
+            with align.capture(model, target):
+                sample = model(**inputs).sample
+            ran = [p.ran for p in align._processors]
+            losses = align.losses()
+            total = sample.square().mean() + losses["align"]
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            record.append([losses["attn"].item(), total.item()])
+        assert ran == [backend] * 2 and align.teacher_attention == teacher_attention
+        return torch.tensor(record, dtype=torch.float64)
+
+    torch.testing.assert_close(train("qk", "fused"), train("probs", "materialized"), rtol=1e-5, atol=1e-6)

@@ -178,3 +178,109 @@ def test_backend_seam():
         assert calls
     finally:
         haste._BACKENDS.pop("fused")
+
+
+# ------------------------------------------------------------------ teacher queries/keys instead of N x N maps
+def _digits_vit(patch_size=2):
+    from fastdiff.training.teachers.vit import DigitsViT
+
+    torch.manual_seed(1)
+    return DigitsViT(image_size=8, patch_size=patch_size, dim=16, depth=3, heads=2, num_classes=0).eval()
+
+
+def test_teachers_hand_over_queries_and_keys_whose_softmax_is_their_attention():
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fastdiff.kernels.targets import TeacherAttention, teacher_attention_output
+    from fastdiff.training.teachers import HFViTTeacher
+
+    images = torch.randn(3, 1, 8, 8)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          patch_size=2, image_size=8)
+    dino = HFViTTeacher(Dinov2Model._from_config(config, attn_implementation="eager"), output_attentions=True)
+    for teacher in (_digits_vit(), dino):
+        with torch.no_grad():
+            probs = teacher(images)
+            with teacher_attention_output(teacher, "qk"):
+                qk = teacher(images)
+        assert teacher.attention_output == "probs"  # restored
+        assert len(qk.attentions) == len(probs.attentions) > 1
+        assert all(isinstance(a, TeacherAttention) and a.query.shape == (3, 2, 16, 8) for a in qk.attentions)
+        torch.testing.assert_close(qk.tokens, probs.tokens, rtol=1e-5, atol=1e-5)
+        for a, p in zip(qk.attentions, probs.attentions):
+            torch.testing.assert_close(a.dense(), p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot hand over queries and keys"):
+        with teacher_attention_output(CountingTeacher(), "qk"):
+            pass
+
+
+def test_alignment_asks_teachers_for_queries_and_keys_and_caches_them():
+    from fastdiff.kernels.targets import TeacherAttention
+
+    teacher = _digits_vit()
+    images = torch.randn(4, 1, 8, 8)
+    qk = TeacherAlignment(teacher, None, [(0, 1), (1, 2)])
+    probs = TeacherAlignment(teacher, None, [(0, 1), (1, 2)], teacher_attention="probs")
+    assert (qk.teacher_attention, probs.teacher_attention) == ("qk", "probs")
+    assert TeacherAlignment(CountingTeacher(), None, [(0, 1)]).teacher_attention == "probs"
+    with pytest.raises(ValueError, match="teacher_attention='qk' needs a teacher"):
+        TeacherAlignment(CountingTeacher(), None, [(0, 1)], teacher_attention="qk")
+    with pytest.raises(ValueError, match="teacher_attention must be one of"):
+        TeacherAlignment(teacher, None, [(0, 1)], teacher_attention="dense")
+    a, p = qk.run_teacher(images, 16), probs.run_teacher(images, 16)
+    assert all(isinstance(t, TeacherAttention) for t in a.attentions)
+    for t, dense in zip(a.attentions, p.attentions):
+        torch.testing.assert_close(t.dense(), dense, rtol=1e-5, atol=1e-6)
+    cache = TeacherCache()
+    cache([0, 1, 2], images[:3], lambda x: qk.run_teacher(x, 16))
+    again, ran = cache([2, 0, 3], images[[2, 0, 3]], lambda x: qk.run_teacher(x, 16))
+    direct = qk.run_teacher(images[[2, 0, 3]], 16)
+    assert ran == 1
+    for c, d in zip(again.attentions, direct.attentions):
+        torch.testing.assert_close(c.query, d.query)
+        torch.testing.assert_close(c.key, d.key)
+    pooled = match_attention(TeacherAttention(query=torch.randn(1, 2, 64, 4), key=torch.randn(1, 2, 64, 4)), 16)
+    assert pooled.pool == 2 and pooled.num_queries == 16
+    torch.testing.assert_close(pooled.dense(), match_attention(pooled.pooled(1).__class__(
+        query=pooled.query, key=pooled.key).dense(), 16))
+
+
+def _train(pixart, teacher_attention, backend, steps=4, patch_size=2, token_matching="resize"):
+    """A few HASTE steps (REPA + two attention pairs, Adam) from the same start; the losses per step."""
+    import copy
+
+    model = copy.deepcopy(pixart[0]).train()
+    inputs = pixart[1]
+    torch.manual_seed(0)
+    align = TeacherAlignment(_digits_vit(patch_size), REPA(16, 16, block_index=1, projector_dim=8), [(0, 1), (1, 2)],
+                             backend=backend, teacher_attention=teacher_attention, token_matching=token_matching)
+    opt = torch.optim.Adam([*model.parameters(), *align.parameters()], lr=1e-2)
+    clean = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    record = []
+    for _ in range(steps):
+        target = align.run_teacher(clean, 16)
+        with align.capture(model, target):
+            sample = model(**inputs).sample
+        losses = align.losses()
+        total = sample.square().mean() + losses["align"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        record.append([losses["repa"].item(), losses["attn"].item(), total.item()])
+    return torch.tensor(record, dtype=torch.float64), model
+
+
+@pytest.mark.parametrize("token_matching, patch_size", [("resize", 2), ("interpolate", 1)])
+def test_haste_training_is_unchanged_by_the_teacher_qk_path_and_the_chunked_loss(pixart, token_matching, patch_size):
+    """Step-by-step losses of the reference (teacher probabilities, materialised loss) and of the teacher's
+    queries and keys with the materialised and the chunked loss; interpolate: a 2x finer teacher grid, pooled."""
+    kw = dict(patch_size=patch_size, token_matching=token_matching)
+    reference, ref_model = _train(pixart, "probs", "materialized", **kw)
+    for teacher_attention, backend in [("qk", "materialized"), ("qk", "chunked"), ("probs", "chunked")]:
+        got, model = _train(pixart, teacher_attention, backend, **kw)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6, msg=f"{teacher_attention}/{backend}")
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            if name.endswith("to_k.bias"):  # softmax is blind to it: its gradient is rounding noise, which Adam
+                continue                    # normalises to full-size steps (and which changes no output)
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert reference[-1, 1] < reference[0, 1]  # the attention loss does train

@@ -6,6 +6,10 @@
 * :func:`flash_attention`: Triton flash attention, forward and backward (:mod:`.flash`).
 * :func:`attention_distillation`: attention output and HASTE's attention cross-entropy to a teacher, fused,
   with gradients (:mod:`.distillation`); registered as HASTE's ``"fused"`` backend.
+* :func:`chunked_attention_loss`: the same loss in plain PyTorch by row and key blocks, for CPUs and GPUs
+  without triton (:mod:`.chunked`); HASTE's ``"chunked"`` backend.
+* :class:`TeacherAttention`: a teacher's attention handed over as queries and keys (or probabilities)
+  (:mod:`.targets`).
 * :func:`int8_attention`: SageAttention-style INT8 inference attention (:mod:`.int8`).
 
 The kernels need ``triton`` (``pip install "fastdiff[triton]"``) and a CUDA device; on CPU they run only
@@ -23,7 +27,8 @@ _EXPORTS = {
     "available_attention_backends": "fastdiff.kernels.dispatch",
     "flash_attention": "fastdiff.kernels.flash",
     "attention_reference": "fastdiff.kernels.flash",
-    "TeacherAttention": "fastdiff.kernels.flash",
+    "TeacherAttention": "fastdiff.kernels.targets",
+    "chunked_attention_loss": "fastdiff.kernels.chunked",
     "attention_distillation": "fastdiff.kernels.distillation",
     "attention_distillation_reference": "fastdiff.kernels.distillation",
     "int8_attention": "fastdiff.kernels.int8",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastdiff.kernels import flash as fa
 from fastdiff.kernels._triton import SUPPORTED_DTYPES, check_attention_inputs, prepare_mask
-from fastdiff.kernels.flash import TeacherAttention
+from fastdiff.kernels.targets import TeacherAttention, compute_dtype
 
 REDUCTIONS = ("mean", "none")
 
@@ -121,14 +121,15 @@ def attention_distillation_reference(query: Tensor, key: Tensor, value: Tensor, 
                                      teacher_query: Tensor | None = None, teacher_key: Tensor | None = None,
                                      teacher_scale: float | None = None, attn_mask: Tensor | None = None,
                                      scale: float | None = None, reduction: str = "mean") -> tuple[Tensor, Tensor]:
-    """PyTorch reference of :func:`attention_distillation`: materialises the ``[B, H, Nq, Nk]`` logits."""
+    """PyTorch reference of :func:`attention_distillation`: materialises the ``[B, H, Nq, Nk]`` logits (the
+    loss in float32, float64 for float64 inputs)."""
     logits = fa.attention_logits(query, key, attn_mask, scale)
     out = logits.softmax(-1).to(value.dtype) @ value
     if teacher_probs is None:
         t_scale = teacher_query.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale
         teacher_probs = ((teacher_query @ teacher_key.transpose(-2, -1)) * t_scale).float().softmax(-1)
     pairs = min(query.shape[1], teacher_probs.shape[1])
-    log_q = logits[:, :pairs].float().log_softmax(-1)
+    log_q = logits[:, :pairs].to(compute_dtype(logits.dtype)).log_softmax(-1)
     t = teacher_probs[:, :pairs].to(log_q.dtype)
     ce = -torch.where(t > 0, t * log_q, torch.zeros_like(log_q)).sum(-1)
     return out, (ce.mean() if reduction == "mean" else ce)

@@ -40,8 +40,7 @@ from fastdiff.kernels._triton import (
     prepare_mask,
     strides,
 )
-
-NO_TARGET, PROBS_TARGET, QK_TARGET = 0, 1, 2
+from fastdiff.kernels.targets import NO_TARGET, PROBS_TARGET, QK_TARGET, TeacherAttention
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -310,24 +309,6 @@ def _bwd_dq_kernel(Q, K, V, M, DO, DQ, LSE, DELTA, G, G1, TP, TQ, TK, TLSE,
 
 
 # --------------------------------------------------------------------------------------------- launchers
-class TeacherAttention:
-    """A teacher attention distribution for the fused distillation, never materialised by fastdiff:
-    probabilities ``[B, H_t, Nq, Nk]`` (``probs``), or the teacher's queries ``[B, H_t, Nq, d_t]`` and
-    keys ``[B, H_t, Nk, d_t]`` with their softmax ``scale`` (default ``1/sqrt(d_t)``) and optionally its
-    natural-log logsumexp ``[B, H_t, Nq]`` (``lse``). Validated by
-    :func:`fastdiff.kernels.distillation.attention_distillation`."""
-
-    def __init__(self, probs: Tensor | None = None, query: Tensor | None = None, key: Tensor | None = None,
-                 scale: float | None = None, lse: Tensor | None = None) -> None:
-        self.probs, self.query, self.key, self.lse = probs, query, key, lse
-        self.scale = scale if scale is not None or query is None else query.shape[-1] ** -0.5
-        self.mode = PROBS_TARGET if probs is not None else QK_TARGET
-
-    @property
-    def heads(self) -> int:
-        return (self.probs if self.probs is not None else self.query).shape[1]
-
-
 def _common_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, target: TeacherAttention | None):
     tp = target.probs if target is not None and target.mode == PROBS_TARGET else None
     tq = target.query if target is not None and target.mode == QK_TARGET else None

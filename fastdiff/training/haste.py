@@ -15,8 +15,17 @@ Training" (arXiv:2505.16792, github.com/NUS-HPC-AI-Lab/HASTE ``loss.py``):
 
 Student attention is captured by attention processors installed for one forward pass and removed after
 it. The reference backend, ``"materialized"``, forms the ``[B, H, N, N]`` logits explicitly (as HASTE's
-code does); a fused kernel registered with :func:`register_attention_backend` under ``"fused"`` computes
-the same ``(output, loss)`` without materialising them and is picked by ``backend="auto"``.
+code does). ``"chunked"`` (:mod:`fastdiff.kernels.chunked`, plain PyTorch, any device) and ``"fused"``
+(the Triton kernel of :mod:`fastdiff.kernels.distillation`, registered where triton is installed) compute
+the same ``(output, loss)`` without an ``N x N`` tensor. ``backend="auto"`` chooses per call: ``"fused"``
+where the kernel can run (CUDA), else ``"chunked"`` from :data:`CHUNKED_MIN_TOKENS` tokens, else
+``"materialized"``.
+
+Teachers that can (the digits ViT / MAE teachers, the DINOv2 wrapper; see
+:mod:`fastdiff.kernels.targets`) hand over each aligned block's queries and keys
+(:class:`~fastdiff.kernels.targets.TeacherAttention`) instead of ``[B, H, N, N]`` probabilities
+(``teacher_attention="auto"`` of :class:`TeacherAlignment`), so the teacher side forms no ``N x N``
+tensor either; the materialised backend recomputes the probabilities from them.
 """
 
 from __future__ import annotations
@@ -30,7 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.kernels._triton import kernel_can_run
+from fastdiff.kernels.chunked import haste_chunked_backend
 from fastdiff.kernels.processor import run_attention_processor
+from fastdiff.kernels.targets import (
+    ATTENTION_OUTPUTS,
+    TeacherAttention,
+    compute_dtype,
+    dense_target,
+    pool_attention,
+    supports_attention_output,
+    teacher_attention_output,
+)
 from fastdiff.training.repa import REPA, TOKEN_MATCHING, TeacherOutput, get_block, run_teacher, token_grid
 
 # ------------------------------------------------------------------------------------ backends (seam)
@@ -49,25 +69,28 @@ class AttentionResult:
 
 def attention_cross_entropy(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     """``mean_{b,h,i} -sum_j p_teacher[b,h,i,j] log softmax(student_logits)[b,h,i,j]`` over the first
-    ``min(H_s, H_t)`` heads of each (HASTE's head-to-head pairing), in float32."""
+    ``min(H_s, H_t)`` heads of each (HASTE's head-to-head pairing), in float32 (float64 inputs: float64)."""
     heads = min(student_logits.shape[1], teacher_probs.shape[1])
-    log_q = F.log_softmax(student_logits[:, :heads].float(), dim=-1)
-    return -(teacher_probs[:, :heads].float() * log_q).sum(-1).mean()
+    dtype = compute_dtype(student_logits.dtype)
+    log_q = F.log_softmax(student_logits[:, :heads].to(dtype), dim=-1)
+    return -(teacher_probs[:, :heads].to(dtype) * log_q).sum(-1).mean()
 
 
 def materialized_attention(query: Tensor, key: Tensor, value: Tensor, scale: float,
-                           attn_mask: Tensor | None = None, target: Tensor | None = None,
+                           attn_mask: Tensor | None = None, target: Tensor | TeacherAttention | None = None,
                            keep_logits: bool = False) -> AttentionResult:
-    """Reference: ``softmax(Q K^T * scale + mask) V`` with explicit logits, plus the CE to ``target``."""
+    """Reference: ``softmax(Q K^T * scale + mask) V`` with explicit logits, plus the CE to ``target``
+    (teacher probabilities, or a :class:`TeacherAttention` whose probabilities are formed here)."""
     logits = (query @ key.transpose(-2, -1)) * scale
     if attn_mask is not None:
         logits = logits + attn_mask
     output = logits.softmax(-1).to(value.dtype) @ value
-    loss = None if target is None else attention_cross_entropy(logits, target)
+    loss = None if target is None else attention_cross_entropy(logits, dense_target(target))
     return AttentionResult(output, loss, logits if keep_logits else None)
 
 
-_BACKENDS: dict[str, AttentionBackend] = {"materialized": materialized_attention}
+_BACKENDS: dict[str, AttentionBackend] = {"materialized": materialized_attention, "chunked": haste_chunked_backend}
+CHUNKED_MIN_TOKENS = 1024  # "auto" on devices without the fused kernel: the chunked loss from this many tokens
 
 
 def register_attention_backend(name: str, fn: AttentionBackend) -> None:
@@ -96,13 +119,27 @@ def available_attention_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
 
-def resolve_attention_backend(backend: str = "auto") -> str:
-    """The backend that will run: ``"fused"`` when registered and ``backend="auto"``, else as named."""
-    if backend == "auto":
-        return "fused" if "fused" in _BACKENDS else "materialized"
-    if backend not in _BACKENDS:
+def check_attention_backend(backend: str) -> str:
+    """``backend`` if it is ``"auto"`` or registered, else a ValueError naming the choices."""
+    if backend != "auto" and backend not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {available_attention_backends()}, got {backend!r}")
     return backend
+
+
+def resolve_attention_backend(backend: str = "auto", query: Tensor | None = None, keep_logits: bool = False) -> str:
+    """The backend that runs a call on ``query`` ``[B, H, N, d]``: as named, or for ``"auto"``: the
+    materialised reference when the logits are kept; ``"fused"`` when registered and its kernel can run on
+    ``query`` (CUDA with triton; CPU only under ``TRITON_INTERPRET=1``); else ``"chunked"`` from
+    :data:`CHUNKED_MIN_TOKENS` tokens; else ``"materialized"``. Without ``query``: the choice on a GPU."""
+    if check_attention_backend(backend) != "auto":
+        return backend
+    if keep_logits:
+        return "materialized"
+    if "fused" in _BACKENDS and (query is None or kernel_can_run(query)):
+        return "fused"
+    if query is not None and max(query.shape[2], 1) >= CHUNKED_MIN_TOKENS:
+        return "chunked"
+    return "materialized"
 
 
 # ------------------------------------------------------------------------------------------ processor
@@ -120,13 +157,16 @@ def _self_attention(block: nn.Module) -> nn.Module:
 class AttentionCaptureProcessor:
     """A diffusers attention processor for self-attention that runs an attention-distillation backend.
 
-    With ``target`` (teacher probabilities ``[B, H_t, N, N]``) it stores the CE loss in ``self.loss``;
-    with ``keep_logits`` it stores the student's logits ``[B, H, N, N]`` in ``self.logits``. Without
-    either it is a plain ``scaled_dot_product_attention`` processor.
+    With ``target`` (teacher probabilities ``[B, H_t, N, N]`` or a :class:`TeacherAttention`) it stores
+    the CE loss in ``self.loss``; with ``keep_logits`` it stores the student's logits ``[B, H, N, N]`` in
+    ``self.logits``. Without either it is a plain ``scaled_dot_product_attention`` processor.
+    ``self.ran`` is the backend the last call used (``"auto"`` is resolved per call).
     """
 
-    def __init__(self, backend: str = "materialized", target: Tensor | None = None, keep_logits: bool = False):
-        self.backend = resolve_attention_backend(backend)
+    def __init__(self, backend: str = "materialized", target: Tensor | TeacherAttention | None = None,
+                 keep_logits: bool = False):
+        self.backend = check_attention_backend(backend)
+        self.ran: str | None = None
         self.target = target
         self.keep_logits = keep_logits
         self.loss: Tensor | None = None
@@ -142,13 +182,15 @@ class AttentionCaptureProcessor:
                    scale: float) -> Tensor:
         if self.target is None and not self.keep_logits:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
-        result = _BACKENDS[self.backend](query, key, value, scale, attention_mask, self.target, self.keep_logits)
+        self.ran = resolve_attention_backend(self.backend, query, self.keep_logits)
+        result = _BACKENDS[self.ran](query, key, value, scale, attention_mask, self.target, self.keep_logits)
         self.loss, self.logits = result.loss, result.logits
         return result.output
 
 
 @contextmanager
-def capture_attention(model: nn.Module, block_indices: Sequence[int], targets: Sequence[Tensor | None] | None = None,
+def capture_attention(model: nn.Module, block_indices: Sequence[int],
+                      targets: Sequence[Tensor | TeacherAttention | None] | None = None,
                       backend: str = "materialized", keep_logits: bool = False) -> Iterator[list[AttentionCaptureProcessor]]:
     """Install :class:`AttentionCaptureProcessor` on the self-attention of ``block_indices`` (0-based) for
     the duration of the ``with`` block, restoring the original processors afterwards."""
@@ -167,22 +209,25 @@ def capture_attention(model: nn.Module, block_indices: Sequence[int], targets: S
             module.set_processor(original)
 
 
-def match_attention(probs: Tensor, num_tokens: int) -> Tensor:
-    """Teacher attention ``[B, H, Nt, Nt]`` on the student's grid of ``num_tokens`` patches.
+def match_attention(probs: Tensor | TeacherAttention, num_tokens: int) -> Tensor | TeacherAttention:
+    """Teacher attention ``[B, H, Nt, Nt]`` (or a :class:`TeacherAttention`) on the student's grid of
+    ``num_tokens`` patches.
 
     Equal grids pass through; a teacher grid ``f`` times finer (per side) is pooled exactly: queries are
-    averaged over each ``f x f`` cell and keys summed, so rows stay distributions. Anything else raises.
+    averaged over each ``f x f`` cell and keys summed, so rows stay distributions
+    (:func:`~fastdiff.kernels.targets.pool_attention`; queries and keys are pooled lazily, blockwise, by the
+    backends). Anything else raises.
     """
-    n_teacher = probs.shape[-1]
+    n_teacher = probs.num_queries if isinstance(probs, TeacherAttention) else probs.shape[-1]
     if n_teacher == num_tokens:
         return probs
     side_t, side_s = token_grid(n_teacher, "teacher attention"), token_grid(num_tokens, "student attention")
     if side_t % side_s:
         raise ValueError(f"teacher attention over a {side_t}x{side_t} grid cannot be pooled to the student's "
                          f"{side_s}x{side_s} grid; resize the teacher's input so the grids match")
-    f, b, h = side_t // side_s, probs.shape[0], probs.shape[1]
-    grid = probs.reshape(b, h, side_s, f, side_s, f, side_s, f, side_s, f)
-    return grid.mean(dim=(3, 5)).sum(dim=(-3, -1)).reshape(b, h, num_tokens, num_tokens)
+    if isinstance(probs, TeacherAttention):
+        return probs.pooled(side_t // side_s)
+    return pool_attention(probs, side_t // side_s)
 
 
 # ---------------------------------------------------------------------------------------- termination
@@ -250,13 +295,13 @@ class TeacherCache:
 
     The teacher sees the *clean* image, so without data augmentation its output for a sample never
     changes: computing it once per sample (the first epoch) instead of once per step removes the teacher
-    from the steady-state cost. Held in host memory: ``N x (tokens + attention maps)``; only for datasets
-    without random augmentation.
+    from the steady-state cost. Held in host memory: ``N x (tokens + attention maps)`` (maps as the teacher
+    hands them over: probabilities, or queries and keys); only for datasets without random augmentation.
     """
 
     def __init__(self) -> None:
         self._tokens: dict[int, Tensor] = {}
-        self._attentions: dict[int, list[Tensor]] = {}
+        self._attentions: dict[int, list[Tensor | TeacherAttention]] = {}
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -271,11 +316,17 @@ class TeacherCache:
             out = run(images[missing])
             for row, j in enumerate(missing):  # clone: a view would keep the whole batch alive
                 self._tokens[indices[j]] = out.tokens[row].detach().cpu().clone()
-                self._attentions[indices[j]] = [a[row].detach().cpu().clone() for a in out.attentions]
+                self._attentions[indices[j]] = [
+                    a.map(lambda t, row=row: t[row].detach().cpu().clone()) if isinstance(a, TeacherAttention)
+                    else a[row].detach().cpu().clone() for a in out.attentions]
         device = images.device
         tokens = torch.stack([self._tokens[i] for i in indices]).to(device)
         levels = len(self._attentions[indices[0]])
-        attentions = [torch.stack([self._attentions[i][k] for i in indices]).to(device) for k in range(levels)]
+        attentions = []
+        for k in range(levels):
+            items = [self._attentions[i][k] for i in indices]
+            attentions.append(TeacherAttention.stack(items).map(lambda t: t.to(device))
+                              if isinstance(items[0], TeacherAttention) else torch.stack(items).to(device))
         return TeacherOutput(tokens, attentions), len(missing)
 
 
@@ -302,9 +353,13 @@ class TeacherAlignment(nn.Module):
         attention_pairs: ``(student_block, teacher_block)`` pairs, 0-based.
         attention_weight: coefficient ``l_A`` of the attention loss.
         termination: a :class:`StageWiseTermination`, or ``None`` to align for the whole run.
-        backend: attention-distillation backend (``"auto"``: fused kernel when registered).
+        backend: attention-distillation backend (``"auto"``: per call, see :func:`resolve_attention_backend`).
         token_matching: ``"resize"`` the teacher's input to the student's grid, or ``"interpolate"``
             its tokens (see :func:`fastdiff.training.repa.run_teacher`).
+        teacher_attention: how the teacher hands over its attention: ``"qk"`` its queries and keys per
+            block (:class:`TeacherAttention`, no ``N x N`` tensor; the teacher must support it), ``"probs"``
+            the dense ``[B, H, N, N]`` probabilities (HASTE's released code, the reference), ``"auto"``:
+            ``"qk"`` when the teacher supports it (:func:`~fastdiff.kernels.targets.supports_attention_output`).
 
     The teacher is held outside the module tree (not saved in checkpoints, not wrapped by DDP): move it
     to the device yourself.
@@ -313,7 +368,7 @@ class TeacherAlignment(nn.Module):
     def __init__(self, teacher: nn.Module, repa: REPA | None = None,
                  attention_pairs: Sequence[tuple[int, int]] = (), attention_weight: float = 0.5,
                  termination: StageWiseTermination | None = None, backend: str = "auto",
-                 token_matching: str = "resize") -> None:
+                 token_matching: str = "resize", teacher_attention: str = "auto") -> None:
         super().__init__()
         if repa is None and not attention_pairs:
             raise ValueError("TeacherAlignment needs REPA, attention pairs, or both")
@@ -325,7 +380,15 @@ class TeacherAlignment(nn.Module):
         self.attention_pairs = [(int(s), int(t)) for s, t in attention_pairs]
         self.attention_weight = float(attention_weight)
         self.termination = termination
-        self.backend = resolve_attention_backend(backend)
+        self.backend = check_attention_backend(backend)
+        if teacher_attention not in ("auto", *ATTENTION_OUTPUTS):
+            raise ValueError(f"teacher_attention must be one of {('auto', *ATTENTION_OUTPUTS)}, got {teacher_attention!r}")
+        if teacher_attention == "qk" and not supports_attention_output(teacher):
+            raise ValueError(f"teacher_attention='qk' needs a teacher that hands over queries and keys (an "
+                             f"attention_output attribute); {type(teacher).__name__} has none: use 'probs' or 'auto'")
+        if teacher_attention == "auto":
+            teacher_attention = "qk" if supports_attention_output(teacher) else "probs"
+        self.teacher_attention = teacher_attention
         self._target: TeacherOutput | None = None
         self._processors: list[AttentionCaptureProcessor] = []
 
@@ -345,8 +408,11 @@ class TeacherAlignment(nn.Module):
 
     @torch.no_grad()
     def run_teacher(self, images: Tensor, student_tokens: int) -> TeacherOutput:
-        """Run the teacher on clean ``images``; tokens and attention maps matched to ``student_tokens``."""
-        out = run_teacher(self.teacher_module, images, student_tokens, self.token_matching)
+        """Run the teacher on clean ``images``; tokens and attention maps (probabilities or
+        :class:`TeacherAttention`, per ``teacher_attention``) matched to ``student_tokens``."""
+        mode = self.teacher_attention if self.attention_pairs else "probs"
+        with teacher_attention_output(self.teacher_module, mode):
+            out = run_teacher(self.teacher_module, images, student_tokens, self.token_matching)
         if not self.attention_pairs:
             return TeacherOutput(out.tokens)  # drop attention maps nobody reads (they would be cached)
         depth = len(out.attentions)

@@ -2,7 +2,9 @@
 
 A plain pre-norm ViT (Dosovitskiy et al. 2021) without CLS token: patch tokens are mean-pooled for the
 classification head used in training, and the normalised patch tokens are the REPA target. Each block
-also returns its attention probabilities, the HASTE target.
+also returns its attention probabilities, the HASTE target, or with ``attention_output = "qk"`` its queries
+and keys (:class:`~fastdiff.kernels.targets.TeacherAttention`; the block then attends with
+``scaled_dot_product_attention`` and no ``N x N`` tensor is formed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from fastdiff._package import save_network
 from fastdiff.data import IMAGE_SIZE, NUM_CLASSES, load_digits
+from fastdiff.kernels.targets import ATTENTION_OUTPUTS, TeacherAttention
 from fastdiff.training.repa import TeacherOutput
 
 TEACHER_DIR = Path(__file__).with_name("digits_vit")
@@ -34,11 +37,17 @@ class _Block(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, attention_output: str = "probs") -> tuple[Tensor, Tensor | TeacherAttention]:
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)  # [B, H, N, N]
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        scale = (d // self.heads) ** -0.5
+        if attention_output == "qk":  # same attention, never materialised; hand over Q and K
+            attn = TeacherAttention(query=q, key=k, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            attn = (q @ k.transpose(-2, -1) * scale).softmax(-1)  # [B, H, N, N]
+            out = attn @ v
+        x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x)), attn
 
 
@@ -58,6 +67,8 @@ class DigitsViT(nn.Module):
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes else None  # None: self-supervised (MAE) teacher
+        # "probs": attentions are [B, H, N, N] probabilities; "qk": TeacherAttention (queries and keys)
+        self.attention_output = "probs"
 
     @property
     def embed_dim(self) -> int:
@@ -72,9 +83,11 @@ class DigitsViT(nn.Module):
 
     def encode(self, x: Tensor) -> TeacherOutput:
         """The blocks and final LayerNorm over embedded tokens ``x`` (all of them, or MAE's visible subset)."""
+        if self.attention_output not in ATTENTION_OUTPUTS:
+            raise ValueError(f"attention_output must be one of {ATTENTION_OUTPUTS}, got {self.attention_output!r}")
         attentions = []
         for block in self.blocks:
-            x, attn = block(x)
+            x, attn = block(x, self.attention_output)
             attentions.append(attn)
         return TeacherOutput(tokens=self.norm(x), attentions=attentions)
 
