@@ -22,6 +22,8 @@ STEPS = 6
 PARTS = {
     "deep": dict(interval=2),
     "deep order 1": dict(interval=2, order=1),
+    "deep order 2 newton, warmup, cooldown": dict(interval=2, order=2, warmup=2, cooldown=1),
+    "deep order 2 taylor": dict(interval=2, order=2, forecast="taylor"),
     "guidance": dict(features=None, guidance="residual", guidance_interval=2),
     "tgate residual": dict(features=None, tgate={"gate_step": 3, "guidance": "residual"}),
     "all": dict(interval=3, guidance="residual", guidance_interval=2, tgate=4),
@@ -99,7 +101,7 @@ def test_deep_reuse_matches_serving_the_deep_modules_by_hand(sd):
     finally:
         for h in handles:
             h.remove()
-    fastdiff.enable_cache(sd, interval=2)
+    fastdiff.enable_cache(sd, interval=2, order=0)
     assert torch.equal(run(sd), expected)
     names = {id(m): n for n, m in sd.unet.named_modules()}
     served = sorted(names[id(m)] for m in modules)
@@ -117,7 +119,7 @@ def test_deep_reuse_matches_the_deepcache_package(sd):
         theirs = run(sd, steps=7)
     finally:
         helper.disable()
-    fastdiff.enable_cache(sd, interval=3)
+    fastdiff.enable_cache(sd, interval=3, order=0)
     assert torch.equal(run(sd, steps=7), theirs)
 
 
@@ -142,7 +144,7 @@ def test_block_residual_reuse_matches_a_hand_written_span(pixart):
     finally:
         for h in handles:
             h.remove()
-    fastdiff.enable_cache(pixart, interval=2, blocks=(1, 2))
+    fastdiff.enable_cache(pixart, interval=2, blocks=(1, 2), order=0)
     out = pixart("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
@@ -216,7 +218,11 @@ def test_errors(sd, pixart):
         (dict(features="blocks"), ValueError, "features='blocks'"),
         (dict(features="fast"), ValueError, "features must be"),
         (dict(interval=0), ValueError, "interval"),
-        (dict(order=2), ValueError, "order must be 0"),
+        (dict(order=3), ValueError, "order must be 0"),
+        (dict(forecast="linear"), ValueError, "forecast must be one of"),
+        (dict(warmup=0), ValueError, "warmup"),
+        (dict(cooldown=-1), ValueError, "cooldown"),
+        (dict(cooldown=1.5), TypeError, "cooldown"),
         (dict(reuse=0.5), ValueError, "calibration"),
         (dict(reuse=1.5), ValueError, "reuse must be a fraction"),
         (dict(guidance="cfg"), ValueError, "guidance must be"),

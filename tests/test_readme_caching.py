@@ -30,6 +30,19 @@ def test_readme_cache_snippet():
     _assert_like_a_fresh_pipeline(pipe, 8)
 
 
+def test_readme_forecast_snippet():
+    # --- README: fastdiff's cache, forecast
+    import fastdiff
+
+    pipe = fastdiff.load_embedded_pipeline()
+    fastdiff.enable_cache(pipe, interval=2, cooldown=2)  # every block forecast (order 2) every 2nd step, last 2 computed
+    images = pipe([3, 7], num_inference_steps=8, guidance_scale=2.0).images
+    fastdiff.disable_cache(pipe)                                   # the pipeline is exactly as before
+    # --- end
+    assert len(images) == 2 and not fastdiff.is_cache_enabled(pipe)
+    _assert_like_a_fresh_pipeline(pipe, 8)
+
+
 def _assert_like_a_fresh_pipeline(pipe, steps: int) -> None:
     """After disabling, the pipeline samples exactly what a freshly loaded one does from the same noise."""
     import fastdiff

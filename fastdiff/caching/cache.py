@@ -4,19 +4,22 @@ Parts (each optional, each a set of hooks on :mod:`fastdiff.caching.engine`'s sh
 
 - ``features``: reuse of expensive features across steps: ``"deep"`` on UNets (DeepCache's skip-branch
   reuse, :mod:`fastdiff.caching.features`), ``"blocks"`` on transformers (a block span's residual);
-  ``order=1`` extrapolates linearly in the timestep (TaylorSeer's first-order forecast);
+  at reuse steps the kept features are forecast from the last ``order + 1`` full steps (TaylorSeer's idea;
+  ``order=0`` serves them as kept, DeepCache's reuse);
 - ``guidance="residual"``: on steps that skip the unconditional branch, the denoiser runs the conditional
   half and rebuilds the unconditional output from ``uncond - cond`` kept at the last full step
   (FasterCache's CFG-Cache idea), so CFG costs one branch there;
 - ``tgate``: TGATE / TGATE-V2 (:mod:`fastdiff.caching.tgate`), with guidance dropped after the gate (the
   paper) or kept through the residual (``tgate={"gate_step": 10, "guidance": "residual"}``);
-- the schedule: uniform (``interval``, ``guidance_interval``) or calibrated (``calibration`` from
+- the schedule: uniform (``interval``, ``warmup`` / ``cooldown`` full steps at the start / end,
+  ``guidance_interval``) or calibrated (``calibration`` from
   :func:`calibrate_cache` plus the fraction ``reuse`` / ``guidance_reuse`` of steps to serve from the cache),
   which spends the cache where the calibration run changed least (:mod:`fastdiff.caching.schedule`).
 
 Usage::
 
-    fastdiff.enable_cache(pipe)                               # deep / block features every 2nd step
+    fastdiff.enable_cache(pipe)                               # deep / block features forecast every 2nd step
+    fastdiff.enable_cache(pipe, cooldown=2)                   # ... and the last two steps computed
     cal = fastdiff.calibrate_cache(pipe, [3, 7], num_inference_steps=25, guidance_scale=2.0)
     fastdiff.enable_cache(pipe, calibration=cal, reuse=0.5, guidance="residual", guidance_reuse=0.6)
     fastdiff.disable_cache(pipe)                              # the pipeline is exactly as before
@@ -39,13 +42,15 @@ import torch
 from .engine import CFG, Action, Installation, Run, StepPlan, check_integral, resolve_denoiser
 from .features import (
     FEATURE_KINDS,
+    FORECASTS,
+    MAX_ORDER,
     check_blocks,
     check_branch,
     feature_hooks,
     feature_kind,
     feature_snapshot,
 )
-from .schedule import Calibration, calibrated_schedule, uniform_schedule
+from .schedule import Calibration, calibrated_schedule, computes, uniform_schedule
 from .tgate import TGateSettings, attention_hooks, tgate_actions, tgate_settings
 
 __all__ = ["CacheSettings", "calibrate_cache", "disable_cache", "enable_cache", "is_cache_enabled"]
@@ -61,7 +66,10 @@ class CacheSettings:
     reuse: float | None = None
     branch: int = 0
     blocks: tuple[int, int] | None = None
-    order: int = 0
+    order: int = 2
+    forecast: str = "newton"
+    warmup: int = 1
+    cooldown: int = 0
     guidance: str | None = None
     guidance_interval: int = 5
     guidance_reuse: float | None = None
@@ -77,7 +85,10 @@ def enable_cache(
     calibration: Calibration | None = None,
     branch: int = 0,
     blocks: tuple[int, int] | None = None,
-    order: int = 0,
+    order: int = 2,
+    forecast: str = "newton",
+    warmup: int = 1,
+    cooldown: int = 0,
     guidance: str | None = None,
     guidance_interval: int = 5,
     guidance_reuse: float | None = None,
@@ -90,15 +101,27 @@ def enable_cache(
         features: ``"auto"`` (``"deep"`` for UNets, ``"blocks"`` for transformers with ``transformer_blocks``),
             ``"deep"``, ``"blocks"`` or ``None`` (no feature reuse).
         interval: uniform schedule: features are computed at steps ``0, interval, 2 interval, ...`` and served
-            from the cache in between (DeepCache's N; 1 = never reused).
+            (forecast) from the cache in between (DeepCache's N; 1 = never reused).
         reuse: with ``calibration``: the fraction of steps whose features are served from the cache, placed
             where the calibration run changed least. Replaces ``interval``.
         calibration: a :func:`calibrate_cache` result for this pipeline (any step count or scheduler).
         branch: ``"deep"``: DeepCache's skip branch (0 = shallowest, the most saved).
         blocks: ``"blocks"``: the ``(start, end)`` span of transformer blocks whose residual is reused
-            (default: every block; on the embedded digits transformer every block with ``order=1`` at N=2 saved
-            49.8 % of MACs at FD 0.075 to the uncached samples, the span (1, 5) without extrapolation 33 % at 2.35).
-        order: 0 (reuse) or 1 (linear extrapolation in the timestep from the last two full steps).
+            (default: every block, measured closest to the uncached samples per MAC saved on the embedded digits
+            transformer; the span (1, 5) without forecasting saved 33 % at FD 2.35).
+        order: 0 (serve the last full step's features), 1 or 2 (forecast them from the last ``order + 1`` full
+            steps, TaylorSeer's forecast; see :mod:`fastdiff.caching.features`). Default 2: on both embedded
+            digits models (``benchmarks/attention_caching.py``) order 2 came closest to the uncached samples at
+            the same schedule, order 0 furthest (DeepCache's; pass ``order=0`` for DeepCache's exact output).
+        forecast: ``"newton"`` (default, fastdiff's: the polynomial through the kept points) or ``"taylor"``
+            (TaylorSeer's finite-difference Taylor series); the same at ``order=1``; Newton measured closer to
+            the uncached samples at order 2 on both embedded models.
+        warmup: full steps at the start of the run (at least step 0; TaylorSeer's ``disable_cache_before_step``);
+            the uniform schedule computes steps ``warmup - 1 + k interval`` after them (DeepCache's ``0, N, 2N, ...``
+            at ``warmup=1``).
+        cooldown: full steps at the end of the run (TaylorSeer's ``disable_cache_after_step`` counted from the
+            end): their errors reach the sample uncorrected. Warmup and cooldown steps compute in calibrated
+            schedules too.
         guidance: ``None`` or ``"residual"``: skip the unconditional branch on cached steps and rebuild it from
             the kept ``uncond - cond`` residual (needs CFG batched as ``[uncond; cond]``).
         guidance_interval: uniform schedule of the full CFG batch: steps ``0, k, 2k, ...``.
@@ -125,7 +148,8 @@ def enable_cache(
     else:
         tgate_part = tgate_settings(tgate)
     install(pipe_or_model, features=kind, interval=interval, reuse=reuse, calibration=calibration, branch=branch,
-            blocks=blocks, order=order, guidance=guidance, guidance_interval=guidance_interval,
+            blocks=blocks, order=order, forecast=forecast, warmup=warmup, cooldown=cooldown, guidance=guidance,
+            guidance_interval=guidance_interval,
             guidance_reuse=guidance_reuse, tgate=tgate_part)
 
 
@@ -162,11 +186,16 @@ def check_settings(denoiser: torch.nn.Module, pipe: Any, **kw: Any) -> CacheSett
                          f"{have!r}")
     if s.guidance not in GUIDANCE_PARTS:
         raise ValueError(f"guidance must be None or 'residual', got {s.guidance!r}")
+    if s.forecast not in FORECASTS:
+        raise ValueError(f"forecast must be one of {FORECASTS}, got {s.forecast!r}")
     s = replace(s, interval=check_integral(s.interval, "interval", 1), order=check_integral(s.order, "order", 0),
+                warmup=check_integral(s.warmup, "warmup", 1), cooldown=check_integral(s.cooldown, "cooldown", 0),
                 guidance_interval=check_integral(s.guidance_interval, "guidance_interval", 1),
                 reuse=_check_fraction(s.reuse, "reuse"), guidance_reuse=_check_fraction(s.guidance_reuse, "guidance_reuse"))
-    if s.order > 1:
-        raise ValueError(f"order must be 0 (reuse) or 1 (linear extrapolation), got {s.order}")
+    if s.order > MAX_ORDER:
+        raise ValueError(f"order must be 0 (reuse), 1 or {MAX_ORDER} (forecast from order + 1 full steps), got {s.order}")
+    if s.cooldown and pipe is None:
+        raise ValueError("cooldown needs the pipeline (its scheduler tells where the run ends), not a bare denoiser")
     if s.features == "deep":
         s = replace(s, branch=check_branch(denoiser, s.branch))
     if s.features == "blocks":
@@ -205,7 +234,8 @@ def install(pipe_or_model: Any, planner_cls: type | None = None, **kw: Any) -> I
     if settings.tgate is not None:
         hooks += attention_hooks(denoiser, run, settings.tgate)
     if settings.features is not None:
-        hooks += feature_hooks(denoiser, run, settings.features, settings.branch, settings.blocks, settings.order)
+        hooks += feature_hooks(denoiser, run, settings.features, settings.branch, settings.blocks, settings.order,
+                               settings.forecast)
     uninstall(denoiser)
     planner = (planner_cls or CachePlanner)(settings)
     label = "TGATE" if settings.tgate is not None and settings.features is None and settings.guidance is None else "fastdiff cache"
@@ -233,8 +263,9 @@ class CachePlanner:
         if n is None:
             return
         cal, ts = s.calibration, run.timesteps or list(range(n))
-        self.features = (calibrated_schedule(cal.changes(ts, "features"), s.reuse) if s.reuse is not None
-                         else uniform_schedule(n, s.interval))
+        forced = list(range(s.warmup)) + list(range(n - s.cooldown, n))
+        self.features = (calibrated_schedule(cal.changes(ts, "features"), s.reuse, forced) if s.reuse is not None
+                         else uniform_schedule(n, s.interval, s.warmup, s.cooldown))
         self.full_cfg = (calibrated_schedule(cal.changes(ts, "guidance"), s.guidance_reuse) if s.guidance_reuse is not None
                          else uniform_schedule(n, s.guidance_interval))
 
@@ -243,7 +274,8 @@ class CachePlanner:
 
     def plan(self, run: Run) -> StepPlan:
         s, i = self.s, run.step
-        compute = self.features[i] if self.features is not None and i < len(self.features) else i % s.interval == 0
+        compute = (self.features[i] if self.features is not None and i < len(self.features)
+                   else computes(i, None, s.interval, s.warmup, s.cooldown))
         feat = Action.CACHE if compute or s.features is None else Action.REUSE
         if s.guidance == "residual":
             full = self.full_cfg[i] if self.full_cfg is not None and i < len(self.full_cfg) else i % s.guidance_interval == 0

@@ -9,7 +9,8 @@ rate (interpolated) times ``|s_j - s_{j-1}|``, so other step counts and schedule
 Serving step ``j`` from values kept at step ``a`` costs about ``sum_{a<k<=j} e_k``; the schedule reuses a
 step while that sum stays below a threshold ``tau`` and computes it otherwise (the accumulated-change rule of
 TeaCache / MagCache, Liu et al. 2024 arXiv:2411.19108, Ma et al. 2025 arXiv:2506.09045, here with ``tau``
-set by bisection so that a requested fraction of the steps is reused). Step 0 always computes.
+set by bisection so that a requested fraction of the steps is reused). Step 0 always computes, and so do
+the schedule's ``warmup`` and ``cooldown`` steps.
 """
 
 from __future__ import annotations
@@ -59,9 +60,21 @@ class Calibration:
         return out
 
 
-def uniform_schedule(num_steps: int, interval: int) -> list[bool]:
-    """DeepCache's uniform 1:N: compute at steps 0, N, 2N, ..."""
-    return [i % interval == 0 for i in range(num_steps)]
+def computes(i: int, num_steps: int | None, interval: int, warmup: int = 1, cooldown: int = 0) -> bool:
+    """Whether step ``i`` of a uniform 1:N schedule computes in full: the first ``warmup`` steps (at least step 0;
+    TaylorSeer's ``disable_cache_before_step``), the last ``cooldown`` steps of a run of ``num_steps`` (its
+    ``disable_cache_after_step``: errors there reach the sample uncorrected) and every ``interval``-th step
+    counted from the last warmup step (``warmup=1``: DeepCache's ``0, N, 2N, ...``)."""
+    warmup = max(warmup, 1)
+    if i < warmup or (cooldown and num_steps is not None and i >= num_steps - cooldown):
+        return True
+    return (i - warmup + 1) % interval == 0
+
+
+def uniform_schedule(num_steps: int, interval: int, warmup: int = 1, cooldown: int = 0) -> list[bool]:
+    """Compute (``True``) / reuse per step of a uniform schedule (:func:`computes`); by default DeepCache's
+    uniform 1:N, computing at steps 0, N, 2N, ..."""
+    return [computes(i, num_steps, interval, warmup, cooldown) for i in range(num_steps)]
 
 
 def greedy_schedule(changes: list[float], tau: float) -> list[bool]:
@@ -76,9 +89,10 @@ def greedy_schedule(changes: list[float], tau: float) -> list[bool]:
     return compute
 
 
-def calibrated_schedule(changes: list[float], reuse: float) -> list[bool]:
+def calibrated_schedule(changes: list[float], reuse: float, forced: tuple[int, ...] | list[int] = ()) -> list[bool]:
     """Compute / reuse per step, reusing ``round(reuse * steps)`` steps (as near as ties allow) where the
-    accumulated change is smallest."""
+    accumulated change is smallest; the steps in ``forced`` (and step 0) always compute."""
+    changes = [math.inf if i in forced else e for i, e in enumerate(changes)]
     target = round(reuse * len(changes))
     finite = [e for e in changes if math.isfinite(e)]
     if target <= 0 or not finite:

@@ -13,7 +13,7 @@ The settings are those of diffusers' documentation examples, on a 0..1000 timest
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -80,12 +80,18 @@ def diffusers_cache_config(name: str, timestep: Any) -> Any:
 
 def _enable(model: torch.nn.Module, config: Any) -> None:
     """``CacheMixin.enable_cache``, also for a model that does not subclass ``CacheMixin`` (PixArt in 0.42)."""
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
     from diffusers.hooks import (
         HookRegistry,
         apply_faster_cache,
         apply_first_block_cache,
         apply_pyramid_attention_broadcast,
+        apply_taylorseer_cache,
     )
     from diffusers.models.cache_utils import CacheMixin
 
@@ -93,29 +99,36 @@ def _enable(model: torch.nn.Module, config: Any) -> None:
         model.enable_cache(config)
         return
     apply = {PyramidAttentionBroadcastConfig: apply_pyramid_attention_broadcast, FasterCacheConfig: apply_faster_cache,
-             FirstBlockCacheConfig: apply_first_block_cache}[type(config)]
+             FirstBlockCacheConfig: apply_first_block_cache, TaylorSeerCacheConfig: apply_taylorseer_cache}[type(config)]
+    model._cache_config = config  # what CacheMixin.disable_cache reads; set first: a failing apply is undone too
     apply(model, config)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-    model._cache_config = config  # what CacheMixin.disable_cache reads
 
 
 @contextmanager
-def diffusers_cache(pipe: Any, name: str) -> Iterator[Any]:
+def diffusers_cache(pipe: Any, name: str | Callable[[Callable[[], float]], Any]) -> Iterator[Any]:
     """Inside the block, ``pipe``'s denoiser runs with diffusers' cache hook ``name``; afterwards it is as before.
 
-    ``name``: ``"pab"`` (PyramidAttentionBroadcast), ``"fastercache"`` or ``"firstblockcache"``. Yields the
-    diffusers config. FasterCache skips the unconditional half of a CFG batch, so use it with guidance on.
+    ``name``: ``"pab"`` (PyramidAttentionBroadcast), ``"fastercache"`` or ``"firstblockcache"`` (the
+    documentation's settings), or a callable that takes the current-timestep callback and returns any diffusers
+    cache config (these three or ``TaylorSeerCacheConfig``), for other settings. Yields the diffusers config.
+    FasterCache skips the unconditional half of a CFG batch, so use it with guidance on.
     """
     from diffusers.hooks import HookRegistry
     from diffusers.models.cache_utils import CacheMixin
 
-    if name not in DIFFUSERS_CACHES:
-        raise ValueError(f"name must be one of {DIFFUSERS_CACHES}, got {name!r}")
+    if not callable(name) and name not in DIFFUSERS_CACHES:
+        raise ValueError(f"name must be one of {DIFFUSERS_CACHES} or a callable returning a diffusers cache config, "
+                         f"got {name!r}")
     model = denoiser_of(pipe)
     if getattr(model, "_cache_config", None) is not None:
         raise ValueError(f"{type(model).__name__} already has a diffusers cache enabled; disable it first")
     timestep = _CurrentTimestep(model)
-    config = diffusers_cache_config(name, timestep)
+    try:
+        config = name(timestep) if callable(name) else diffusers_cache_config(name, timestep)
+    except BaseException:
+        timestep.remove()
+        raise
     try:
         _enable(model, config)
         HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)

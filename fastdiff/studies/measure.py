@@ -125,3 +125,39 @@ def denoiser_batch_seconds(
             tiled_args, tiled_kwargs = _tile(args, base, n), _tile(kwargs, base, n)
             seconds[n] = median_seconds(lambda a=tiled_args, k=tiled_kwargs: model(*a, **k), repeats=repeats)
     return seconds
+
+
+def interleaved_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+                        setup: Callable[[str], Any] | None = None,
+                        teardown: Callable[[str], Any] | None = None) -> dict[str, dict[str, float | list[float]]]:
+    """Wall and CPU seconds of each ``fns[name]()``, measured A/B-interleaved: every round times every function
+    once, in order, so a slow spell of a shared machine hits them alike.
+
+    ``setup(name)`` / ``teardown(name)`` run untimed around each call (e.g. enabling a cache). ``warmup`` untimed
+    rounds come first. Returns, per name, the lists ``wall`` (``time.perf_counter``) and ``cpu`` (this thread's
+    CPU time, ``time.thread_time``: not charged for waits while another process has the core) and their
+    medians ``wall_median`` / ``cpu_median``. Run torch with one thread for the CPU time to be the whole cost.
+    """
+    if not isinstance(fns, Mapping) or not fns or not all(callable(f) for f in fns.values()):
+        raise TypeError("fns must be a non-empty mapping of names to callables")
+    _check_count(repeats, "repeats", 1)
+    _check_count(warmup, "warmup", 0)
+    out: dict[str, dict[str, Any]] = {name: {"wall": [], "cpu": []} for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup(name)
+            try:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                fn()
+                wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            finally:
+                if teardown is not None:
+                    teardown(name)
+            if round_ >= warmup:
+                out[name]["wall"].append(wall)
+                out[name]["cpu"].append(cpu)
+    for times in out.values():
+        times["wall_median"] = statistics.median(times["wall"])
+        times["cpu_median"] = statistics.median(times["cpu"])
+    return out

@@ -1,0 +1,47 @@
+"""The measuring helpers the caching benchmark shares with the notebooks: interleaved timing and diffusers'
+cache hooks (TaylorSeer included) as one removable context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.studies.caching import diffusers_cache
+from fastdiff.studies.measure import interleaved_seconds
+from fastdiff.testing import tiny_pixart_pipeline
+
+
+def test_interleaved_seconds_alternates_and_wraps_every_call():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    out = interleaved_seconds(fns, repeats=3, warmup=1, setup=lambda n: calls.append(f"+{n}"),
+                              teardown=lambda n: calls.append(f"-{n}"))
+    assert calls == ["+a", "a", "-a", "+b", "b", "-b"] * 4  # one warm-up round, then three timed rounds
+    for t in out.values():
+        assert len(t["wall"]) == len(t["cpu"]) == 3 and t["wall_median"] >= 0 and t["cpu_median"] >= 0
+    with pytest.raises(TypeError, match="fns"):
+        interleaved_seconds({})
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_seconds(fns, repeats=0)
+
+
+@torch.no_grad()
+def test_diffusers_cache_takes_any_config_and_restores_the_pipeline():
+    from diffusers import TaylorSeerCacheConfig
+
+    pipe = tiny_pixart_pipeline()
+    kw = dict(num_inference_steps=6, output_type="latent", use_resolution_binning=False, clean_caption=False)
+    sample = lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images  # noqa: E731
+    ref = sample()
+    make = lambda ts: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2, max_order=2,  # noqa: E731
+                                            taylor_factors_dtype=torch.float32,
+                                            cache_identifiers=[r"transformer_blocks\.\d+"])
+    with diffusers_cache(pipe, make) as config:
+        assert isinstance(config, TaylorSeerCacheConfig)
+        first, second = sample(), sample()
+    assert (first - ref).abs().max() > 0 and torch.equal(first, second)  # reset between trajectories
+    assert torch.equal(sample(), ref)
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+    with pytest.raises(ValueError, match="name must be one of"):
+        with diffusers_cache(pipe, "taylorseer"):
+            pass
