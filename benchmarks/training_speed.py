@@ -370,7 +370,9 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                   "accuracy_mean?}; testbeds.<testbed>.table.<method> = ratios and FDs; testbeds.<testbed>."
                   "targets_met; runs.<testbed>.<method>.<seed>.evals = raw evaluations; top-level curves/table = "
                   f"the {headline!r} testbed's (headline); speed = throughput and peak RSS side by side",
-        "setup": {"steps": args.steps, "seeds": args.seeds, "methods": {b: methods_of(args, b) for b in args.testbeds},
+        "setup": {"steps": args.steps, "seeds": args.seeds,
+                  "seeds_scored": {b: s["seeds"] for b, s in testbeds.items()},  # complete seeds only
+                  "methods": {b: methods_of(args, b) for b in args.testbeds},
                   "skipped": args.skip,
                   "model": f"PixArtTransformer2DModel {cfg.model.config} (preset digits), batch "
                            f"{cfg.train.batch_size}, lr {cfg.train.lr}, warmup {cfg.train.warmup_steps}, EMA "
