@@ -27,7 +27,7 @@ count the pipeline's first model call too (the solver's warm start), as ``fastdi
 FD-digits (``fastdiff.metrics``) of ``--fd-samples`` DDIM-25 samples per method, each method at the tolerance
 that met 1e-3 on the batch-8 case. Wall clock: seconds of the run that met 1e-3 (CPU, ``--threads``).
 
-    python benchmarks/pcm.py            # ~30 min on 2 busy CPU cores
+    python benchmarks/pcm.py            # ~15 min on 2 busy CPU cores (--full: batch 8 on every grid, ~40 min)
     python benchmarks/pcm.py --quick    # smoke test
 """
 
@@ -157,6 +157,8 @@ def pcm_switches(pipe, labels: torch.Tensor, pcm) -> dict[str, ModelSwitch]:
     default, ``"pcm[<schedule><rounds>]"`` each of ``_VARIANTS``."""
     glue = lambda network: digits_denoiser(pipe, labels, GUIDANCE, network)  # noqa: E731
     out = {"pcm": pcm.switch(glue, pipe.transformer)}
+    if _BASELINE:
+        out["pcm-v1"] = _BASELINE[0].switch(glue, pipe.transformer)
     for v in _VARIANTS:
         name = v.rstrip("0123456789")
         if (name, int(v[len(name):])) != (pcm.schedule, pcm.switch_rounds):
@@ -165,6 +167,7 @@ def pcm_switches(pipe, labels: torch.Tensor, pcm) -> dict[str, ModelSwitch]:
 
 
 _VARIANTS: list[str] = [PAPER_VARIANT]
+_BASELINE: list = []  # the previously shipped PCM, compared side by side (--baseline-pcm)
 
 
 @torch.no_grad()
@@ -181,13 +184,14 @@ def one_round(pcm, steps: int, n: int, seed: int) -> dict:
     lab = labels.repeat_interleave(steps)
     out = {"steps": steps, "trajectories": n, "seed": seed,
            "x0": {"trajectory": _rms(X, tr.reference[:, :-1]), "final": _rms(X[:, -1], tr.reference[:, -1])}}
-    for name, network in (("base", None), ("pcm", pcm.model)):
+    for name, network in (("base", None), ("pcm", pcm.model), *((("pcm-v1", _BASELINE[0].model),) if _BASELINE else ())):
         den = digits_denoiser(pipe, lab, GUIDANCE, network)
         phi = picard_update(sm, X, den(X.flatten(0, 1), sm.timesteps[k]).view_as(X))
         out[name] = {"trajectory": _rms(phi, ref), "final": _rms(phi[:, -1], ref[:, -1])}
     print(f"  one round DDIM-{steps} x {n}: rms to X* from X^0 {out['x0']['trajectory']:.4f}, base "
           f"{out['base']['trajectory']:.4f} (final point {out['base']['final']:.4f}), PCM {out['pcm']['trajectory']:.4f}"
-          f" ({out['pcm']['final']:.4f})", flush=True)
+          f" ({out['pcm']['final']:.4f})" + (f", PCM-v1 {out['pcm-v1']['trajectory']:.4f} ({out['pcm-v1']['final']:.4f})"
+                                             if _BASELINE else ""), flush=True)
     return out
 
 
@@ -222,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--space", default=None)
     p.add_argument("--pcm", type=Path, default=EMBEDDED_PCM_DIR, help="PCM directory (default: the shipped one)")
     p.add_argument("--variants", default=PAPER_VARIANT, help="extra switching schedules, e.g. 'linear2,step1'")
+    p.add_argument("--variant-bases", default="picard,newton", help="solvers the variants run with")
+    p.add_argument("--baseline-pcm", type=Path, default=None,
+                   help="another PCM directory run side by side as pcm-v1+<--variant-bases> (e.g. the previous one)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--full", action="store_true", help="batch 8 on every grid (default: DDIM-25 only)")
+    p.add_argument("--one-round", type=int, default=8, help="trajectories per grid for the one-round rms")
     p.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (window 80; no PCM is trained for it)")
     p.add_argument("--out", type=Path, default=RESULTS / "pcm.json")
     args = p.parse_args(argv)
@@ -235,14 +244,19 @@ def main(argv: list[str] | None = None) -> dict:
     for v in _VARIANTS:
         name = v.rstrip("0123456789")
         switch_lambdas(name, int(v[len(name):]))
-    cases = [(k, s, w, b) for b in (1, 8) for k, s, w in (("ddim", 25, 25), ("ddim", 50, 50), ("ddim", 100, 100))]
+    grids = (("ddim", 25, 25), ("ddim", 50, 50), ("ddim", 100, 100))
+    cases = [(k, s, w, 1) for k, s, w in grids] + [(k, s, w, 8) for k, s, w in (grids if args.full else grids[:1])]
     if args.ddpm:
         cases += [("ddpm", 1000, 80, 1)]
     if args.quick:
         cases = [("ddim", 25, 25, 1), ("ddim", 25, 25, 8)]
+    bases = [b for b in args.variant_bases.split(",") if b]
+    if args.baseline_pcm is not None:
+        _BASELINE[:] = [PicardConsistencyModel.from_pretrained(args.baseline_pcm)]
     start = time.perf_counter()
-    rounds1 = [one_round(pcm, steps, 4 if args.quick else 16, args.seed + 200 + steps) for steps in (25, 50, 100)]
-    methods = METHODS + tuple(f"pcm[{v}]+{base}" for v in _VARIANTS for base in ("picard", "newton"))
+    rounds1 = [one_round(pcm, steps, 4 if args.quick else args.one_round, args.seed + 200 + steps) for steps in (25, 50, 100)]
+    methods = METHODS + tuple(f"pcm[{v}]+{b}" for v in _VARIANTS for b in bases) \
+        + tuple(f"pcm-v1+{b}" for b in bases if _BASELINE)
     studies = [study(kind, steps, window, batch, args.seed + i, pcm, methods, args.quick)
                for i, (kind, steps, window, batch) in enumerate(cases)]
     b8 = next(s for s in studies if s["sampler"] == "DDIM-25" and s["batch"] == 8)
@@ -262,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
                  "machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
                  "diffusers": diffusers.__version__, "guidance_scale": GUIDANCE, "targets": list(TARGETS),
+                 "baseline_pcm": None if args.baseline_pcm is None else {
+                     "path": str(args.baseline_pcm), "training": _BASELINE[0].meta["training"]},
                  "pcm": {"path": str(args.pcm), "schedule": pcm.schedule, "switch_rounds": pcm.switch_rounds,
                          "space": pcm.space, "update": pcm.update, "variants": _VARIANTS,
                          "trained_grids": pcm.meta.get("grids"), "training": pcm.meta["training"]},

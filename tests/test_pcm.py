@@ -167,7 +167,8 @@ def test_training_seam_and_export(tmp_path):
     cfg = load_config("digits_pcm", [
         f"output_dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "checkpoint.every=0",
         "log.every=1", "log.progress_bar=false"])
-    cfg.model.config.update({"grids": [["ddim", 4]], "trajectories": [2], "rounds": 2, "points_per_step": 8})
+    cfg.model.config.update({"grids": [["ddim", 4]], "trajectories": [2], "rounds": 2, "points_per_step": 8,
+                             "round_probs": [0.5, 0.5]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = train(cfg)

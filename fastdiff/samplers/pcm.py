@@ -440,7 +440,7 @@ DEFAULT_TRAIN_CONFIG: dict = {
     "points_per_step": 100,  # trajectory points per training step (trajectories = points // K)
     "guidance_scale": 1.0,
     "seed": 1234,  # the cache's initial latents (benchmarks use other seeds)
-    "init": "base",  # [paper] initialised from the base weights; or a PCM directory to continue training from
+    "init": "base",  # [paper] initialised from the base weights; or a PCM directory / "embedded" to continue from
     "round_weighting": "inverse_std",  # [paper] alpha(k) = 1 / sqrt(Var(k)) (eq. 2); "none": [fastdiff] alpha = 1
     "round_probs": None,  # [paper] None: k ~ U{0..R-1}; [fastdiff] a probability per round (e.g. stress round 0)
     "inference": {"schedule": "linear", "switch_rounds": 2, "space": "feature"},
@@ -483,7 +483,7 @@ class PCMTrainer(nn.Module):
         object.__setattr__(self, "_pipe", pipe)  # frozen, not a submodule: no optimizer / EMA state for it
         self.model = copy.deepcopy(pipe.transformer).requires_grad_(True)
         if cfg["init"] != "base":  # continue from a PCM checkpoint of this base model
-            start = PicardConsistencyModel.from_pretrained(cfg["init"])
+            start = resolve_pcm(cfg["init"])  # "embedded": the shipped PCM
             start.check_base(pipe.transformer, pipe.scheduler)
             self.model.load_state_dict(start.model.state_dict())
         self.config = self.model.config  # the training script reads model.config (sample size, channels)
