@@ -554,7 +554,7 @@ def test_corrector_raises_the_order():
 
 
 def test_few_step_default_and_log_snr_grid():
-    from fastdiff.samplers.accelerated_ddim import FEW_STEP_REGIMES, FEW_STEP_SETTINGS
+    from fastdiff.samplers.accelerated_ddim import FEW_STEP_REGIMES, FEW_STEP_SETTINGS, LOW_STEP_ORDER3
 
     config = {**SD_SCHEDULER_CONFIG, "timestep_spacing": "leading"}
     sched = make_scheduler("accel_ddim", config)
@@ -578,20 +578,27 @@ def test_few_step_default_and_log_snr_grid():
     model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for n, (_, settings) in zip((5, 9, 16), FEW_STEP_REGIMES):
-        plain = AcceleratedDDIMScheduler.from_config(config, timestep_schedule="log_snr", **settings)
+        plain = AcceleratedDDIMScheduler.from_config(config, **{"timestep_schedule": "log_snr", **settings})
         torch.testing.assert_close(sample_loop(sched, model, x, n), sample_loop(plain, model, x, n), rtol=0, atol=0)
         assert sched.timesteps.tolist() == plain.timesteps.tolist()
         assert sched.settings_for(n) == plain.settings_for(n)
     assert sched.coefficients.space == "data" and sched.settings_for(5)["solver_space"] == "noise"
-    # custom timesteps take the update of their count
+    # custom timesteps take the update of their count (below 8: v2's, no corrector)
     sched.set_timesteps(timesteps=[999, 600, 300, 100, 20])
-    assert sched.coefficients.space == "noise" and sched.coefficients.predictor is not None
-    # v3 stays a named option: v2's sampler below 8 steps, step for step
-    v3 = make_scheduler("accel_ddim_v3", config)
-    for n in (5, 7):
-        v2 = make_scheduler("accel_ddim_v2", config)
-        torch.testing.assert_close(sample_loop(v3, model, x, n), sample_loop(v2, model, x, n), rtol=0, atol=0)
-        assert v3.timesteps.tolist() == v2.timesteps.tolist() and v3.coefficients.corrector is None
+    assert sched.coefficients.space == "noise" and sched.coefficients.corrector is None
+    sched.set_timesteps(timesteps=[999, 800, 600, 450, 300, 200, 120, 60, 20])
+    assert sched.coefficients.space == "data" and sched.coefficients.corrector is not None
+    # below 8 steps the default and v3 are v2's sampler, step for step (chosen on the trained digits model)
+    for name in ("accel_ddim", "accel_ddim_v3"):
+        for n in (5, 7):
+            other, v2 = make_scheduler(name, config), make_scheduler("accel_ddim_v2", config)
+            torch.testing.assert_close(sample_loop(other, model, x, n), sample_loop(v2, model, x, n), rtol=0, atol=0)
+            assert other.timesteps.tolist() == v2.timesteps.tolist() and other.coefficients.corrector is None
+    # the dev mixtures' 1-7-step choice stays reachable as a named regime
+    order3 = AcceleratedDDIMScheduler.from_config(config, **{**FEW_STEP_SETTINGS,
+                                                             "step_regimes": [[1, LOW_STEP_ORDER3]]})
+    order3.set_timesteps(5)
+    assert order3.coefficients.space == "noise" and order3.coefficients.predictor is not None
     with pytest.raises(ValueError, match="low_step_switch"):
         AcceleratedDDIMScheduler(low_step_switch=-1)
     clean = AcceleratedDDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "set_alpha_to_one": True},

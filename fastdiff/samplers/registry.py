@@ -54,9 +54,9 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "unipc": BuiltinSampler(_D, "UniPCMultistepScheduler", "UniPC bh2 (diffusers)"),
     "deis": BuiltinSampler(_D, "DEISMultistepScheduler", "DEIS 3rd order (diffusers)"),
     "accel_ddim": BuiltinSampler(_ACCEL, "few_step_scheduler",
-                                 "fastdiff's few-step sampler: log-SNR multistep per step count (eps 3rd order below "
-                                 "8 steps; x0 2nd order + free 3-point corrector at 8-14; x0 3rd order + corrector "
-                                 "from 15), log-SNR grids, 1 eval/step"),
+                                 "fastdiff's few-step sampler per step count (v2's eps-in-sigma update below 8 steps; "
+                                 "x0 2nd order in log-SNR + free 3-point corrector at 8-14; x0 3rd order + corrector "
+                                 "from 15, log-SNR grids), 1 eval/step"),
     "accel_ddim_v3": BuiltinSampler(_ACCEL, "v3_scheduler",
                                     "fastdiff v3's few-step sampler: x0 linear in log-SNR + free 3-point corrector on "
                                     "a log-SNR-uniform grid from 8 steps, v2's sampler below"),
