@@ -116,6 +116,10 @@ def test_training_curves_from_every_shape(tmp_path) -> None:
     assert training_results(bench) == {"": bench}
     split = {"environment": {"date": "d"}, "curves": bench["curves"], "testbeds": {"a": bench, "b": {"x": 1}}}
     assert training_results(split) == {"a": {"environment": {"date": "d"}, **bench}}
+    # a testbed scored on fewer seeds than the file's setup.seeds reports its own (setup.seeds_scored)
+    scored = {"setup": {"seeds": [0, 1, 2], "seeds_scored": {"a": [0, 1]}}, "testbeds": {"a": bench, "c": bench}}
+    per = training_results(scored)
+    assert per["a"]["setup"]["seeds"] == [0, 1] and per["c"]["setup"]["seeds"] == [0, 1, 2]
 
 
 def test_describe_training_is_computed_from_the_data() -> None:

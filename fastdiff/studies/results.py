@@ -179,6 +179,16 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines)
 
 
+def _scored_setup(shared: Mapping[str, Any], testbed: Any) -> dict[str, Any]:
+    """``{"setup": ...}`` with ``seeds`` replaced by the seeds this testbed was scored on (``setup.seeds_scored``,
+    written when a testbed ran on fewer seeds than the file's ``setup.seeds``), else nothing."""
+    setup = shared.get("setup")
+    scored = setup.get("seeds_scored") if isinstance(setup, Mapping) else None
+    if isinstance(scored, Mapping) and isinstance(scored.get(testbed), list):
+        return {"setup": {**setup, "seeds": list(scored[testbed])}}
+    return {}
+
+
 def training_results(data: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
     """The training-speed results inside a benchmark JSON: one per testbed when it has ``testbeds`` (each with the
     file's ``environment`` / ``setup`` / ``speed`` unless it has its own), else ``{"": data}`` when it holds curves
@@ -188,7 +198,8 @@ def training_results(data: Mapping[str, Any] | None) -> dict[str, Mapping[str, A
     testbeds = data.get("testbeds")
     if isinstance(testbeds, Mapping):
         shared = {k: data[k] for k in ("environment", "setup", "speed") if k in data}
-        found = {str(k): {**shared, **v} for k, v in testbeds.items() if isinstance(v, Mapping) and training_curves(v)}
+        found = {str(k): {**shared, **_scored_setup(shared, k), **v} for k, v in testbeds.items()
+                 if isinstance(v, Mapping) and training_curves(v)}
         if found:
             return found
     if training_curves(data) and ("curves" in data or "runs" in data):
