@@ -265,13 +265,8 @@ def accelerated_step_coefficients(
             ``sigma_s^2 (1 - exp(-h))``) or ``"beta"`` (DDPM's "fixed_large", ``1 - alpha_t^2 / alpha_s^2``, the
             paper's); the last step always uses the posterior variance, so the output is not re-noised.
     """
-    _check_choice("solver_space", solver_space, SOLVER_SPACES)
+    _check_solver(solver_space, interpolation, solver_order, corrector_order)
     _check_choice("variance", variance, VARIANCES)
-    _check_choice("interpolation", interpolation, INTERPOLATIONS)
-    if isinstance(solver_order, bool) or solver_order not in SOLVER_ORDERS:
-        raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
-    _check_corrector_order(corrector_order, solver_space)
-    _check_third_order(solver_order, interpolation)
     if schedule.kind != "vp":
         raise ValueError("the accelerated DDIM sampler needs a VP (DDPM-family) noise schedule")
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
@@ -339,15 +334,20 @@ REGIME_KEYS = ("solver_space", "interpolation", "solver_order", "corrector_order
                "timestep_schedule", "log_snr_power")
 
 
-def _check_update(solver_space: str, interpolation: str, solver_order: int, corrector_order: int,
-                  max_step_ratio: float | None, timestep_schedule: str, log_snr_power: float) -> None:
-    """The checks of the update and grid settings (shared by the scheduler's arguments and its step regimes)."""
+def _check_solver(solver_space: str, interpolation: str, solver_order: int, corrector_order: int) -> None:
+    """The checks of the predictor-corrector settings (shared by the step coefficients and the scheduler)."""
     _check_choice("solver_space", solver_space, SOLVER_SPACES)
     _check_choice("interpolation", interpolation, INTERPOLATIONS)
     if isinstance(solver_order, bool) or solver_order not in SOLVER_ORDERS:
         raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
     _check_corrector_order(corrector_order, solver_space)
     _check_third_order(solver_order, interpolation)
+
+
+def _check_update(solver_space: str, interpolation: str, solver_order: int, corrector_order: int,
+                  max_step_ratio: float | None, timestep_schedule: str, log_snr_power: float) -> None:
+    """The checks of the update and grid settings (shared by the scheduler's arguments and its step regimes)."""
+    _check_solver(solver_space, interpolation, solver_order, corrector_order)
     if max_step_ratio is not None and (isinstance(max_step_ratio, bool) or not max_step_ratio > 0):
         raise ValueError(f"max_step_ratio must be a number > 0 or None, got {max_step_ratio!r}")
     _check_choice("timestep_schedule", timestep_schedule, TIMESTEP_SCHEDULES)
