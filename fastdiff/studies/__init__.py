@@ -1,6 +1,6 @@
 """What the notebooks measure and draw, as library code (``notebooks/`` call only public API).
 
-* :mod:`.measure`: wall time (median of repeats), denoiser MACs, and the denoiser's time against its batch
+* :mod:`.measure`: wall time (median of repeats, or interleaved rounds of several variants), denoiser MACs, and the denoiser's time against its batch
   size (the spare batch throughput that parallel sampling spends);
 * :mod:`.plots`: sample grids and figure saving;
 * :mod:`.results`: benchmark JSON read defensively, training curves and their reading;
@@ -16,6 +16,7 @@ from fastdiff._package import lazy_exports
 
 _EXPORTS = {
     "median_seconds": "fastdiff.studies.measure",
+    "interleaved_seconds": "fastdiff.studies.measure",
     "count_macs": "fastdiff.studies.measure",
     "denoiser_batch_seconds": "fastdiff.studies.measure",
     "sample_grid": "fastdiff.studies.plots",
