@@ -363,7 +363,7 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
     cfg = load_config(TESTBEDS[headline], overrides)
     from fastdiff.training.teachers import SHIPPED_TEACHERS
 
-    teacher = json.loads((SHIPPED_TEACHERS[cfg.align.teacher] / "config.json").read_text())
+    teacher = json.loads((Path(SHIPPED_TEACHERS.get(cfg.align.teacher, cfg.align.teacher)) / "config.json").read_text())
     result = {
         "benchmark": "training_speed", "environment": environment(),
         "layout": "testbeds.<testbed>.curves.<method> = {steps, fd_mean, fd_std, fd_per_seed{seed: [fd]}, "

@@ -131,3 +131,49 @@ def test_teacher_command_options_reach_the_recipe_and_the_probe_curve(tmp_path, 
     assert record["recipe"]["command"].endswith("--steps 2 --mask-ratio 0.5 --norm-pix-loss --depth 2")
     assert [("class_r2" in p, "attention_entropy" in p) for p in record["curve"]] == [(True, True)] * 2
     assert record["curve"][-1]["class_r2"] == record["probe"]["class_r2"]
+
+
+def test_truncated_teacher_is_the_full_encoder_stopped_after_k_blocks():
+    from fastdiff.training.teachers.vit import truncate_teacher
+
+    torch.manual_seed(0)
+    full = DigitsViT(patch_size=4, dim=16, depth=3, heads=2, num_classes=10).eval()
+    cut = truncate_teacher(full, 2)
+    assert len(cut.blocks) == 2 and cut.head is None and not any(p.requires_grad for p in cut.parameters())
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():  # reference: the full encoder's own blocks, run by hand
+        x = full.patch_embed(images)
+        for block in full.blocks[:2]:
+            x, attn = block(x)
+        out = cut(images)
+    torch.testing.assert_close(out.tokens, full.norm(x))
+    torch.testing.assert_close(out.attentions[-1], attn)
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ValueError, match="blocks must be an int in 1..3"):
+            truncate_teacher(full, bad)
+
+
+def test_probe_blocks_is_the_probe_of_each_truncation():
+    from fastdiff.training.teachers.probe import probe_blocks
+    from fastdiff.training.teachers.vit import truncate_teacher
+
+    torch.manual_seed(0)
+    full = DigitsViT(patch_size=4, dim=16, depth=2, heads=2, num_classes=0).eval()
+    assert probe_blocks(full) == [pytest.approx(probe_teacher(truncate_teacher(full, k))["class_r2"], abs=1e-4)
+                                  for k in (1, 2)]
+
+
+def test_keep_blocks_option_ships_the_first_blocks_and_records_both_probes(tmp_path, capsys):
+    from fastdiff.training.teachers.mae import main
+
+    main(["--out", str(tmp_path / "t"), "--steps", "2", "--depth", "3", "--keep-blocks", "2"])
+    record = json.loads((tmp_path / "t" / "config.json").read_text())
+    teacher = load_teacher(str(tmp_path / "t"))
+    assert len(teacher.blocks) == 2 == record["architecture"]["depth"] == teacher_depth(str(tmp_path / "t"))
+    assert record["recipe"]["command"].endswith("--depth 3 --keep-blocks 2")
+    assert record["trained_encoder"]["depth"] == 3 and len(record["trained_encoder"]["class_r2_per_block"]) == 3
+    assert record["probe"]["class_r2"] == pytest.approx(record["trained_encoder"]["class_r2_per_block"][1], abs=1e-4)
+    assert record["probe"]["class_r2"] == pytest.approx(probe_teacher(teacher)["class_r2"], abs=1e-4)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "u"), "--steps", "2", "--depth", "3", "--keep-blocks", "4"])
+    assert "--keep-blocks must be in 1..3" in capsys.readouterr().err

@@ -139,3 +139,31 @@ def test_gradient_angle_stop_waits_for_the_cosine_average_by_default():
     for bad in ("-1", "1.5"):
         with pytest.raises(ConfigError, match="align.grad_angle_min_step"):
             validate(load_config(UNCOND, [*tiny, f"align.grad_angle_min_step={bad}"]))
+
+
+def test_reanalyse_records_a_teacher_given_as_a_directory(tmp_path):
+    """A teacher variant checked with ``--override align.teacher=DIR`` is scored like the shipped one, and the JSON
+    names it and copies its probe (``SHIPPED_TEACHERS`` holds names only)."""
+    import json
+
+    from fastdiff.training.teachers.vit import DigitsViT, save_teacher
+
+    bench = _benchmark()
+    teacher = save_teacher(DigitsViT(patch_size=4, dim=16, depth=2, heads=2, num_classes=0),
+                           {"architecture": {"image_size": 16, "patch_size": 4, "dim": 16, "depth": 2, "heads": 2,
+                                             "mlp_ratio": 4, "num_classes": 0},
+                            "recipe": {"objective": "test"}, "probe": {"class_r2": 0.25}}, tmp_path / "teacher")
+    steps = [100, 200, 300]
+    for method, fd in (("baseline", [30.0, 20.0, 10.0]), ("repa", [20.0, 10.0, 5.0])):
+        run = tmp_path / "work" / "unconditional" / f"{method}_seed0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "evals": [{"step": s, "fd": f} for s, f in zip(steps, fd)], "throughput_img_per_s": 1.0,
+            "terminated_at": None, "teacher_calls": 0}))
+    bench.main(["--reanalyse", "--testbeds", "unconditional", "--methods", "baseline", "repa", "--seeds", "0",
+                "--last-evals", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                "--override", f"align.teacher={teacher}", "--total-minutes", "1"])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["setup"]["teacher"]["name"] == str(teacher) and result["setup"]["teacher"]["probe"] == {"class_r2": 0.25}
+    # baseline reaches its final FD 10 at step 300, REPA (20 -> 10 between steps 100 and 200) at step 200
+    assert result["table"]["repa"]["ratio_per_seed"] == [pytest.approx(200 / 300)]

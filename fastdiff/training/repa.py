@@ -19,10 +19,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fastdiff.kernels.targets import TeacherAttention
 
 TOKEN_MATCHING = ("resize", "interpolate")
 BLOCK_LIST_NAMES = ("transformer_blocks", "blocks", "layers")
@@ -30,11 +34,13 @@ BLOCK_LIST_NAMES = ("transformer_blocks", "blocks", "layers")
 
 @dataclass
 class TeacherOutput:
-    """What a teacher returns: patch tokens ``[B, N, D]`` and, for HASTE, per-block attention
-    probabilities ``[B, H, N, N]`` over the same ``N`` patch tokens (rows sum to 1; no CLS/register tokens)."""
+    """What a teacher returns: patch tokens ``[B, N, D]`` and, for HASTE, one entry per block over the same
+    ``N`` patch tokens (no CLS/register tokens): attention probabilities ``[B, H, N, N]`` (rows sum to 1), or,
+    from a teacher with ``attention_output = "qk"``, a :class:`~fastdiff.kernels.targets.TeacherAttention`
+    (its queries and keys; the ``N x N`` map is never formed)."""
 
     tokens: Tensor
-    attentions: list[Tensor] = field(default_factory=list)
+    attentions: list[Tensor | TeacherAttention] = field(default_factory=list)
 
 
 def as_teacher_output(output: Tensor | TeacherOutput) -> TeacherOutput:

@@ -7,6 +7,9 @@
 * ``class_mean_cosine``: mean ``cos(y_in, m_{c(i),n})``, how well "predict the class's mean token" already
   scores on REPA's cosine objective.
 * ``attention_entropy``: mean entropy (nats) of each block's attention rows, against ``log N`` (uniform).
+
+:func:`probe_blocks` gives the class R^2 of every block's output of a :class:`DigitsViT` (through its final
+LayerNorm), which is what choosing the teacher's depth (``teachers.vit.truncate_teacher``) is read from.
 """
 
 from __future__ import annotations
@@ -59,3 +62,15 @@ def probe_teacher(teacher: nn.Module, split: str = "test") -> dict:
             "attention_entropy_per_block": [round(e, 4) for e in entropy],
             "attention_entropy_mean": round(sum(entropy) / len(entropy), 4) if entropy else None,
             "uniform_entropy": round(math.log(n), 4)}
+
+
+@torch.no_grad()
+def probe_blocks(teacher: nn.Module, split: str = "test") -> list[float]:
+    """Class R^2 of the output of each block ``k`` of a ``DigitsViT`` passed through its final LayerNorm (the
+    tokens of the teacher truncated to ``k + 1`` blocks), on the digits ``split``."""
+    images, labels = load_digits(split)
+    x, r2 = teacher.eval().patch_embed(images), []
+    for block in teacher.blocks:
+        x, _ = block(x)
+        r2.append(round(class_r2(teacher.norm(x), labels), 4))
+    return r2

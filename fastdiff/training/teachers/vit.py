@@ -169,6 +169,24 @@ def _accuracy(net: DigitsViT, images: Tensor, labels: Tensor) -> float:
     return acc
 
 
+def truncate_teacher(net: DigitsViT, blocks: int) -> DigitsViT:
+    """A frozen copy of ``net`` with its first ``blocks`` blocks only (then its final LayerNorm): its tokens are
+    the trained encoder's block-``blocks`` features. Earlier blocks of a ViT carry more of the image's local
+    content and less of its class (``probe.class_r2`` falls with depth), which is what a REPA target that is
+    not a label embedding needs. The head (if any) is dropped."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= len(net.blocks):
+        raise ValueError(f"blocks must be an int in 1..{len(net.blocks)} (the teacher's depth); got {blocks!r}")
+    first = net.blocks[0]
+    out = DigitsViT(image_size=net.grid * net.patch_size, patch_size=net.patch_size, dim=net.embed_dim,
+                    depth=blocks, heads=first.heads, mlp_ratio=first.mlp[0].out_features // net.embed_dim,
+                    num_classes=0)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    out.load_state_dict({k: v for k, v in state.items()
+                         if not k.startswith("blocks.") or int(k.split(".")[1]) < blocks})
+    out.attention_output = net.attention_output
+    return out.eval().requires_grad_(False)
+
+
 def save_teacher(net: DigitsViT, record: dict, out: str | Path) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out``."""
     return save_network(net, record, out)
