@@ -15,14 +15,16 @@ pipeline; its error is the rms over all coordinates against the exact probabilit
 Measures: ``rms`` over all samples; ``rms_right`` over the samples the sampler sends to the exact solution's
 mixture component; ``rms_common`` over the samples that *every* sampler of the table sends to the right component.
 Baselines: every diffusers multistep scheduler with its spacing options (Karras sigmas) and final-sigma variants
-(``BASELINES``); NFE counts real model calls.
+(``BASELINES``); NFE counts real model calls. fastdiff rows: ``OURS`` (``accel_ddim_noise_start`` is the
+default with the ``noise_space_steps=2`` option at 8-14 steps, ``NOISE_START_REGIMES``) and the DualFast pairs.
 
 **order**: measured order of convergence of the accelerated update (the default's update, i.e. its
 predictor-corrector, fastdiff v2's and the paper's) on fractional grids uniform in ``t`` from 999 to 100 (every
 step refines), on a smooth single-Gaussian oracle and on the first mixture.
 
-**dualfast**: on an exact score (no approximation error) DualFast can only add error; the change it makes vs the
-base solver's own error, per NFE.
+**dualfast**: on an exact score (no approximation error) the change DualFast makes vs the base solver's own error,
+per NFE: the paper's form, fastdiff's earlier ``_prediction`` variant and its ``_interpolate`` option
+(``INTERPOLATE_SETTINGS``; the digits section measures the same rows).
 
 **digits**: FD-digits and class accuracy on the embedded digits model (``fastdiff.compare.run_compare``):
 ``--digits-images`` images per cell for each of ``--digits-seeds``, the same noise and labels for every sampler
@@ -63,9 +65,11 @@ ORACLES: dict[str, dict[str, Any]] = {
         mixture=dict(dim=64, num_components=6, std_range=(0.03, 0.4), seed=303),
         config={**SD, "timestep_spacing": "leading", "prediction_type": "epsilon"}),
 }
-OURS = ["accel_ddim", "accel_ddim_v3", "accel_ddim_v2", "accel_ddim_paper"]
+OURS = ["accel_ddim", "accel_ddim_v3", "accel_ddim_v2", "accel_ddim_paper", "accel_ddim_noise_start"]
 DUALFAST_PAIRS = {"ddim": "ddim_dualfast", "dpmpp_2m": "dpmpp_2m_dualfast", "unipc": "unipc_dualfast",
                   "accel_ddim_v2": "accel_ddim_dualfast"}
+#: fastdiff's "interpolate" DualFast option (fastdiff.samplers.dualfast), rows ``<dualfast name>_interpolate``
+INTERPOLATE_SETTINGS = {"dualfast_variant": "interpolate", "dualfast_scale": 0.3}
 DIGITS_SAMPLERS = ["ddim", "ddim_dualfast", "dpmpp_2m", "dpmpp_2m_dualfast", "unipc", "unipc_dualfast", "accel_ddim_v2",
                    "accel_ddim_dualfast", "accel_ddim", "accel_ddim_v3"]
 
@@ -117,17 +121,26 @@ def _baselines() -> dict[str, Callable[[dict[str, Any]], Any]]:
 
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     """Registry samplers, this benchmark's named variants, and the diffusers baselines."""
-    from fastdiff.samplers.accelerated_ddim import AcceleratedDDIMScheduler
+    from fastdiff.samplers.accelerated_ddim import (
+        NOISE_START_REGIMES,
+        AcceleratedDDIMScheduler,
+        few_step_scheduler,
+    )
     from fastdiff.samplers.registry import available_samplers
     from fastdiff.samplers.registry import make_scheduler as registry_scheduler
 
     if name == "accel_ddim_exact_score":
         return AcceleratedDDIMScheduler.from_config(config, max_step_ratio=None)
+    if name == "accel_ddim_noise_start":  # the default with the noise_space_steps=2 option at 8-14 steps
+        return few_step_scheduler(config, step_regimes=NOISE_START_REGIMES)
     if name == "accel_ddim_data":
         return AcceleratedDDIMScheduler.from_config(config, solver_space="data", interpolation="log_snr")
     if name.endswith("_prediction") and name[: -len("_prediction")] in available_samplers():
         sched = registry_scheduler(name[: -len("_prediction")], config)
         return type(sched).from_config(sched.config, dualfast_variant="prediction")
+    if name.endswith("_interpolate") and name[: -len("_interpolate")] in available_samplers():
+        sched = registry_scheduler(name[: -len("_interpolate")], config)
+        return type(sched).from_config(sched.config, **INTERPOLATE_SETTINGS)
     if name.startswith("dualfast_scale"):  # dualfast_scale<scale>:<sampler>
         scale, base = name[len("dualfast_scale"):].split(":")
         sched = registry_scheduler(base, config)
@@ -271,7 +284,7 @@ def order_section(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ dualfast
 def dualfast_section(args: argparse.Namespace) -> dict[str, Any]:
-    """Exact score: |error(base + DualFast) - error(base)| vs error(base), paper form and the old variant."""
+    """Exact score: |error(base + DualFast) - error(base)| vs error(base), the paper form and both variants."""
     from fastdiff.testing import make_anisotropic_mixture
 
     label = next(iter(ORACLES))
@@ -284,7 +297,7 @@ def dualfast_section(args: argparse.Namespace) -> dict[str, Any]:
     nfes = list(args.nfe) + [40]
     rows: dict[str, Any] = {}
     for base, df in DUALFAST_PAIRS.items():
-        for name in (base, df, df + "_prediction"):
+        for name in (base, df, df + "_prediction", df + "_interpolate"):
             errs = []
             for n in nfes:
                 sched = make_scheduler(name, spec["config"])
@@ -350,7 +363,7 @@ def digits_section(args: argparse.Namespace) -> dict[str, Any]:
               " ".join(f"{v:.3f}" for v in out["fd_to_ref"]), flush=True)
     paired: dict[str, Any] = {}
     for base, name in DUALFAST_PAIRS.items():
-        for variant in (name, name + "_prediction"):
+        for variant in (name, name + "_prediction", name + "_interpolate"):
             if variant in per_seed and base in per_seed:
                 diffs = [[a - b for a, b in zip(per_seed[variant]["fd"][j], per_seed[base]["fd"][j])]
                          for j in range(len(args.digits_nfe))]
@@ -410,6 +423,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     dg = result.get("digits")
     if dg and "paired" in dg:
         for variant, pr in dg["paired"].items():
+            if variant not in DUALFAST_PAIRS.values():  # the target is the paper's form; options are tabled only
+                continue
             for j, n in enumerate(dg["steps"]):
                 mean, sem = pr["fd_change_mean"][j], pr["fd_change_sem"][j]
                 out[f"digits FD lowered / {variant} vs {pr['base']} / NFE {n}"] = {

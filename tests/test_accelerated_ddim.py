@@ -453,20 +453,20 @@ def test_karras_and_auto_timestep_schedules():
 
 
 # ------------------------------------------------------------------------------------------------ corrector, log-SNR grid
-def reference_pc(model, schedule, timesteps, x, space, corrector_order, predictor_order=2):
+def reference_pc(model, schedule, timesteps, x, space, corrector_order, predictor_order=2, noise_steps=0):
     """Independent reference of the predictor-corrector: ``d`` (eps or x0) a polynomial in log-SNR through the
     last ``predictor_order`` (predictor) / ``corrector_order`` (corrector) points by ``numpy.polyfit``, integrated in ``u = x / alpha``
     (noise) or ``x / sigma`` (data) against ``d rho`` / ``d (alpha / sigma)`` by composite Simpson on 4001 points;
-    the grid ends at ``t = 0``."""
+    the grid ends at ``t = 0``. ``noise_steps``: the predictors of the first this many steps integrate eps (noise
+    space) from the corrected sample, the correctors stay in ``space``."""
     t_all = list(timesteps) + [0.0]
     a = np.array([schedule.alpha(t).item() for t in t_all])
     s = np.array([schedule.sigma(t).item() for t in t_all])
     lam = 2 * np.log(a / s)
-    scale = a if space == "noise" else s
 
-    def integral(nodes, i0, i1, ds):
+    def integral(sp, nodes, i0, i1, ds):
         grid = np.linspace(lam[i0], lam[i1], 4001)
-        dw = -0.5 * np.exp(-grid / 2) if space == "noise" else 0.5 * np.exp(grid / 2)
+        dw = -0.5 * np.exp(-grid / 2) if sp == "noise" else 0.5 * np.exp(grid / 2)
         simpson = np.ones(4001)
         simpson[1:-1:2], simpson[2:-1:2] = 4, 2
         simpson *= (grid[1] - grid[0]) / 3
@@ -475,16 +475,20 @@ def reference_pc(model, schedule, timesteps, x, space, corrector_order, predicto
         poly = np.stack([np.polyval(coef[:, m], grid) for m in range(vals.shape[1])])
         return torch.from_numpy((poly * dw * simpson).sum(1).reshape(ds[0].shape))
 
-    hist, prev = [], None
+    hist, prev = {"noise": [], "data": []}, None
     for i in range(len(timesteps)):
         eps = model(x, t_all[i])
-        hist.append(eps if space == "noise" else (x - s[i] * eps) / a[i])
+        hist["noise"].append(eps)
+        hist["data"].append((x - s[i] * eps) / a[i])
         if corrector_order and i >= 1:
             nodes = list(range(i, max(i - corrector_order, -1), -1))
-            x = scale[i] * (prev / scale[i - 1] + integral(nodes, i - 1, i, [hist[j] for j in nodes]))
+            sc = a if space == "noise" else s
+            x = sc[i] * (prev / sc[i - 1] + integral(space, nodes, i - 1, i, [hist[space][j] for j in nodes]))
+        sp = "noise" if i < noise_steps else space
+        sc = a if sp == "noise" else s
         nodes = list(range(i, max(i - predictor_order, -1), -1))
         prev = x
-        x = scale[i + 1] * (x / scale[i] + integral(nodes, i, i + 1, [hist[j] for j in nodes]))
+        x = sc[i + 1] * (x / sc[i] + integral(sp, nodes, i, i + 1, [hist[sp][j] for j in nodes]))
     return x
 
 
@@ -502,6 +506,49 @@ def test_corrector_matches_independent_reference(space, solver_order, corrector_
     if corrector_order:  # the corrector changes the result (the test can fail)
         plain = sample_loop(AcceleratedDDIMScheduler.from_config(sched.config, corrector_order=0), model, x, 7)
         assert rms(plain, ours) > 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("noise_steps,solver_order", [(1, 2), (2, 2), (3, 2), (2, 3)])
+def test_noise_space_steps_match_independent_reference(noise_steps, solver_order, prediction_type):
+    """``noise_space_steps``: eps-space predictors for the first steps, data-space correctors throughout."""
+    cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5,
+                                  prediction_type=prediction_type)
+    eps_model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sched = AcceleratedDDIMScheduler.from_config(cfg, solver_space="data", interpolation="log_snr",
+                                                 solver_order=solver_order, corrector_order=3,
+                                                 timestep_schedule="log_snr", noise_space_steps=noise_steps)
+    ours = sample_loop(sched, model, x, 8)
+    ref = reference_pc(eps_model, model.schedule, sched.timesteps.tolist(), x, "data", 3, solver_order, noise_steps)
+    assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
+    plain = sample_loop(AcceleratedDDIMScheduler.from_config(sched.config, noise_space_steps=0), model, x, 8)
+    if noise_steps == 1:  # a first-order (DDIM) first step is the same in both spaces
+        assert rms(plain, ours) < 1e-12
+    else:  # the option changes the result (the test can fail)
+        assert rms(plain, ours) > 1e-5
+
+
+def test_noise_space_steps_bad_arguments_and_regime():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="noise_space_steps"):
+            AcceleratedDDIMScheduler(solver_space="data", noise_space_steps=bad)
+    with pytest.raises(ValueError, match="noise_space_steps"):
+        AcceleratedDDIMScheduler(solver_space="noise", noise_space_steps=2)
+    with pytest.raises(ValueError, match="noise_space_steps"):
+        AcceleratedDDIMScheduler(step_regimes=[[8, {"solver_space": "noise", "noise_space_steps": 1}]])
+    coef = accelerated_step_coefficients(NoiseSchedule.from_config(SD_SCHEDULER_CONFIG), [999.0, 600.0, 300.0], 0,
+                                         solver_space="data", interpolation="log_snr", corrector_order=3,
+                                         noise_space_steps=1)
+    with pytest.raises(ValueError, match="linear_form"):
+        coef.linear_form()
+    sched = AcceleratedDDIMScheduler(solver_space="data", interpolation="log_snr", corrector_order=3,
+                                     step_regimes=[[8, {"noise_space_steps": 2}]])
+    sched.set_timesteps(8)
+    assert sched.coefficients.noise_rows == 2
+    sched.set_timesteps(7)
+    assert sched.coefficients.noise_rows == 0
 
 
 def linear_form_sample(model, schedule, timesteps, final, x, **kw):

@@ -92,16 +92,19 @@ BASES = {DDIMDualFastScheduler: DDIMScheduler, DPMSolverMultistepDualFastSchedul
          AcceleratedDDIMDualFastScheduler: AcceleratedDDIMScheduler}
 
 
+@pytest.mark.parametrize("variant", ["paper", "interpolate"])
 @pytest.mark.parametrize("cls,kw", [(DPMSolverMultistepDualFastScheduler, {"solver_order": 2}),
                                     (UniPCMultistepDualFastScheduler, {}),
                                     (AcceleratedDDIMDualFastScheduler, {})])
-def test_paper_form_adds_the_noise_term_to_the_base_update(cls, kw, oracle):
-    """For every base: DualFast's step = the base class's step from the same state + sigma_s c_t (eps_t - eps_T);
-    UniPC's corrector, which re-derives the current sample from the previous one, re-adds the previous term."""
+def test_paper_form_adds_the_noise_term_to_the_base_update(cls, kw, variant, oracle):
+    """For every base: DualFast's step = the base class's step from the same state + sigma_s c_t (eps_t - eps_T),
+    c_t = scale (1 - t / T) (paper) or -scale ("interpolate", toward eps_T); UniPC's corrector, which re-derives the
+    current sample from the previous one, re-adds the previous term."""
     import copy
 
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    df = cls.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.6, dualfast_reference="first", **kw)
+    df = cls.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.6, dualfast_reference="first",
+                         dualfast_variant=variant, **kw)
     df.set_timesteps(6)
     first, previous_term = None, None
     for i, t in enumerate(df.timesteps):
@@ -111,7 +114,8 @@ def test_paper_form_adds_the_noise_term_to_the_base_update(cls, kw, oracle):
         else:
             sigma_s = df.coefficients.sigma_next[i].item()
         first = eps if first is None else first
-        term = sigma_s * 0.6 * (1 - int(t) / 1000) * (eps - first)
+        c = 0.6 * (1 - int(t) / 1000) if variant == "paper" else -0.6
+        term = sigma_s * c * (eps - first)
         state = copy.deepcopy(df)
         expected = BASES[cls].step(state, eps, t, x).prev_sample + term
         if cls is UniPCMultistepDualFastScheduler and previous_term is not None:
@@ -159,6 +163,26 @@ def test_coefficient_schedules():
     assert paper == sorted(paper) and paper[-1] == 0.5 and paper[0] == pytest.approx(0.0005)  # grows toward t = 0
     old = [dualfast_coefficient(0.5, t, 1000, "prediction") for t in (999, 600, 300, 0)]
     assert old == sorted(old, reverse=True) and old[-1] == 0.0 and old[0] == pytest.approx(0.4995)
+    assert [dualfast_coefficient(0.5, t, 1000, "interpolate") for t in (999, 0)] == [-0.5, -0.5]  # toward eps_tau
+
+
+def test_interpolate_variant_on_ddim():
+    """fastdiff's "interpolate" option: x_s = alpha_s x0(eps_t) + sigma_s ((1 - c) eps_t + c eps_prev), constant c."""
+    model = make_gaussian_mixture(dim=64, num_components=8)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    df = DDIMDualFastScheduler.from_config(SD_SCHEDULER_CONFIG, dualfast_scale=0.3, dualfast_variant="interpolate")
+    df.set_timesteps(5)
+    abar, prev_eps = df.alphas_cumprod.double(), None
+    for t in df.timesteps:
+        ti = int(t)
+        a_t = abar[ti]
+        a_s = abar[ti - 200] if ti >= 200 else df.final_alpha_cumprod.double()
+        eps = model(x, t)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        mixed = eps if prev_eps is None else 0.7 * eps + 0.3 * prev_eps
+        expected = a_s.sqrt() * x0 + (1 - a_s).sqrt() * mixed
+        torch.testing.assert_close(df.step(eps, t, x).prev_sample, expected, rtol=1e-6, atol=1e-7)
+        prev_eps, x = eps, expected
 
 
 @pytest.mark.parametrize("cls", [DDIMDualFastScheduler, DPMSolverMultistepDualFastScheduler,

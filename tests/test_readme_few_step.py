@@ -19,6 +19,11 @@ def test_readme_few_step_snippet():
     pipe.scheduler = UniPCMultistepDualFastScheduler.from_config(pipe.scheduler.config, dualfast_scale=0.1)
     image_df = pipe("a red digit", num_inference_steps=8, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
+    assert pipe.scheduler.config.dualfast_scale == 0.1 and pipe.scheduler.config.dualfast_variant == "paper"
+    pipe.scheduler = UniPCMultistepDualFastScheduler.from_config(pipe.scheduler.config, dualfast_variant="interpolate",
+                                                                 dualfast_scale=0.3)  # fastdiff's option
+    image_ip = pipe("a red digit", num_inference_steps=8, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
     # --- end
-    assert np.isfinite(image).all() and np.isfinite(image_df).all()
-    assert pipe.scheduler.config.dualfast_scale == 0.1 and pipe.scheduler.config.solver_order == 2
+    assert np.isfinite(image).all() and np.isfinite(image_df).all() and np.isfinite(image_ip).all()
+    assert pipe.scheduler.config.dualfast_variant == "interpolate" and pipe.scheduler.config.solver_order == 2

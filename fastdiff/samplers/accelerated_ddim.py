@@ -140,6 +140,13 @@ class StepCoefficients:
     the uncorrected ``x_i`` (module docstring, "Corrector"); the prediction not named by ``space`` follows the
     corrected sample (noise space: ``x0_i <- x0_i + delta_i / alpha_i``; data space: ``eps_i <- eps_i + delta_i /
     sigma_i``). ``alpha`` / ``sigma`` hold the grid points' noise levels.
+
+    ``noise_rows`` (``noise_space_steps``; data space only): the predictor of steps ``i < noise_rows`` weighs the eps
+    predictions (``d = eps``), from the corrected sample with the model's eps (so there ``x0`` moves with the
+    corrected sample, not eps). The data-space corrector of the step after such a step also subtracts that
+    predictor's terms, through ``corrector_eps`` (``[N, W]``, weights on ``eps_i, eps_{i-1}, ...``), and the
+    difference between the two spaces' first-order terms from a corrected sample, ``corrector_carry[i] *
+    delta_{i-1}`` (``[N]``; ``delta_{i-1}`` the previous step's correction). Both are ``None`` when unused.
     """
 
     alpha_next: torch.Tensor
@@ -152,6 +159,9 @@ class StepCoefficients:
     alpha: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
     predictor: torch.Tensor | None = None
+    noise_rows: int = 0
+    corrector_eps: torch.Tensor | None = None
+    corrector_carry: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -166,10 +176,17 @@ class StepCoefficients:
         """How many predictions (the current one included) a step reads."""
         return max(self.weights.shape[1], 0 if self.corrector is None else self.corrector.shape[1])
 
+    def predicts_noise(self, i: int) -> bool:
+        """Whether the predictor of step ``i`` weighs eps (``d = eps``) rather than x0."""
+        return self.space == "noise" or i < self.noise_rows
+
     def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic update as ``x_{i+1} = sum_j b[i, j] x0_{i-j} + sum_j c[i, j] eps_{i-j}`` with
         ``(x0_j, eps_j)`` the model's predictions at the (uncorrected) samples it was given: ``(b, c)``, ``[N, W]``
-        each, corrector included."""
+        each, corrector included. ValueError with ``noise_rows`` (the corrector then also reads the previous
+        correction: no fixed-width form)."""
+        if self.noise_rows and self.corrector is not None:
+            raise ValueError("linear_form: a corrector after noise_space_steps reads the previous correction too")
         b = torch.zeros(len(self.alpha_next), self.history, dtype=self.alpha_next.dtype,
                         device=self.alpha_next.device)
         c = torch.zeros_like(b)
@@ -183,9 +200,9 @@ class StepCoefficients:
 
     def to(self, device: torch.device | str | None) -> StepCoefficients:
         names = ("alpha_next", "sigma_next", "correction", "eps_scale", "noise_std", "corrector", "alpha", "sigma",
-                 "predictor")
+                 "predictor", "corrector_eps", "corrector_carry")
         moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in names}
-        return StepCoefficients(**moved, space=self.space)
+        return StepCoefficients(**moved, space=self.space, noise_rows=self.noise_rows)
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -241,6 +258,7 @@ def accelerated_step_coefficients(
     max_step_ratio: float | None = 3.0,
     solver_order: int = 2,
     corrector_order: int = 0,
+    noise_space_steps: int = 0,
 ) -> StepCoefficients:
     """Coefficients of the accelerated DDIM / DDPM update on a grid (see the module docstring for the math).
 
@@ -261,11 +279,15 @@ def accelerated_step_coefficients(
             deterministic only).
         max_step_ratio: where the step ahead is more than this many times the step behind, measured in the
             interpolation variable, extrapolate in log-SNR instead (``None``: never).
+        noise_space_steps: with ``solver_space="data"``, the predictor of the first this many steps extrapolates
+            eps instead of x0 (noise space, same interpolation and order) while the correctors stay in data space
+            (:class:`StepCoefficients`, ``noise_rows``). ``0``: none.
         variance: the stochastic sampler's per-step noise variance: ``"posterior"`` (DDPM's "fixed_small",
             ``sigma_s^2 (1 - exp(-h))``) or ``"beta"`` (DDPM's "fixed_large", ``1 - alpha_t^2 / alpha_s^2``, the
             paper's); the last step always uses the posterior variance, so the output is not re-noised.
     """
     _check_solver(solver_space, interpolation, solver_order, corrector_order)
+    _check_noise_space_steps(noise_space_steps, solver_space)
     _check_choice("variance", variance, VARIANCES)
     if schedule.kind != "vp":
         raise ValueError("the accelerated DDIM sampler needs a VP (DDPM-family) noise schedule")
@@ -284,6 +306,10 @@ def accelerated_step_coefficients(
     if final_timestep is None:
         points.append(_Point(1.0, 0.0, math.inf))  # clean data
     n = ts.numel()
+
+    def row_space(i: int) -> str:  # the space of step i's predictor
+        return "noise" if i < noise_space_steps else solver_space
+
     correction, eps_scale, noise_std, var = [], [], [], []
     for i in range(n):
         (a_t, s_t, _), (a_s, s_s, _) = points[i], points[i + 1]
@@ -294,7 +320,7 @@ def accelerated_step_coefficients(
         eps_scale.append(ratio)
         first_order = solver_order == 1 or i == 0 or (lower_order_final and i == n - 1)
         correction.append(0.0 if first_order else
-                          _correction(solver_space, interpolation, points[i - 1], points[i], points[i + 1],
+                          _correction(row_space(i), interpolation, points[i - 1], points[i], points[i + 1],
                                       max_step_ratio))
     for i in range(n):  # post-noise of step i (all of it on the first step) + pre-noise of step i + 1
         post = var[i] if i == 0 else var[i] / 2
@@ -306,19 +332,30 @@ def accelerated_step_coefficients(
     f64 = dict(dtype=torch.float64)
     predictor = None
     if solver_order == 3:
-        predictor = [_third_order_row(solver_space, points, correction, i, lower_order_final and i == n - 1)
+        predictor = [_third_order_row(row_space(i), points, correction, i, lower_order_final and i == n - 1)
                      for i in range(n)]
-    corrector = None
+    corrector = corrector_eps = corrector_carry = None
     if corrector_order:
         rows = predictor or [[c, -c] for c in correction]
-        corrector = torch.tensor([_corrector_row(solver_space, points, rows, i, corrector_order)
+        # a noise-space predictor's terms are weights on eps, not x0: the corrector after it subtracts them on eps
+        same = [[0.0] * len(r) if row_space(i) != solver_space else r for i, r in enumerate(rows)]
+        corrector = torch.tensor([_corrector_row(solver_space, points, same, i, corrector_order)
                                   for i in range(n)], **f64)
+        if noise_space_steps and solver_space == "data":
+            corrector_eps, corrector_carry = torch.zeros_like(corrector), torch.zeros(n, **f64)
+            for i in range(1, n):
+                if row_space(i - 1) != solver_space and corrector[i].any():
+                    corrector_eps[i, 1: 1 + len(rows[i - 1])] = -torch.tensor(rows[i - 1], **f64)
+                    p, t = points[i - 1], points[i]  # noise vs data first-order term from the corrected x_{i-1}
+                    corrector_carry[i] = -(t.alpha / p.alpha - t.sigma / p.sigma)
     return StepCoefficients(
         alpha_next=torch.tensor(alpha_next, **f64), sigma_next=torch.tensor(sigma_next, **f64),
         correction=torch.tensor(correction, **f64), eps_scale=torch.tensor(eps_scale, **f64),
         noise_std=torch.tensor(noise_std, **f64), space=solver_space, corrector=corrector,
         alpha=torch.tensor([p.alpha for p in points[:n]], **f64), sigma=torch.tensor([p.sigma for p in points[:n]], **f64),
         predictor=None if predictor is None else torch.tensor(predictor, **f64),
+        noise_rows=min(noise_space_steps, n) if solver_space == "data" else 0, corrector_eps=corrector_eps,
+        corrector_carry=corrector_carry,
     )
 
 
@@ -331,7 +368,7 @@ _GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(32)
 
 #: the settings a step regime (``step_regimes``) may override, per number of inference steps
 REGIME_KEYS = ("solver_space", "interpolation", "solver_order", "corrector_order", "max_step_ratio",
-               "timestep_schedule", "log_snr_power")
+               "timestep_schedule", "log_snr_power", "noise_space_steps")
 
 
 def _check_solver(solver_space: str, interpolation: str, solver_order: int, corrector_order: int) -> None:
@@ -345,9 +382,11 @@ def _check_solver(solver_space: str, interpolation: str, solver_order: int, corr
 
 
 def _check_update(solver_space: str, interpolation: str, solver_order: int, corrector_order: int,
-                  max_step_ratio: float | None, timestep_schedule: str, log_snr_power: float) -> None:
+                  max_step_ratio: float | None, timestep_schedule: str, log_snr_power: float,
+                  noise_space_steps: int = 0) -> None:
     """The checks of the update and grid settings (shared by the scheduler's arguments and its step regimes)."""
     _check_solver(solver_space, interpolation, solver_order, corrector_order)
+    _check_noise_space_steps(noise_space_steps, solver_space)
     if max_step_ratio is not None and (isinstance(max_step_ratio, bool) or not max_step_ratio > 0):
         raise ValueError(f"max_step_ratio must be a number > 0 or None, got {max_step_ratio!r}")
     _check_choice("timestep_schedule", timestep_schedule, TIMESTEP_SCHEDULES)
@@ -376,6 +415,13 @@ def _check_regimes(step_regimes: Any, base: Mapping[str, Any]) -> None:
             raise ValueError(f"step_regimes: unknown settings {unknown}; allowed: {REGIME_KEYS}")
         _check_update(**{**{k: base[k] for k in REGIME_KEYS}, **settings})
         last = min_steps
+
+
+def _check_noise_space_steps(noise_space_steps: int, solver_space: str) -> None:
+    if isinstance(noise_space_steps, bool) or not isinstance(noise_space_steps, int) or noise_space_steps < 0:
+        raise ValueError(f"noise_space_steps must be an int >= 0, got {noise_space_steps!r}")
+    if noise_space_steps and solver_space != "data":
+        raise ValueError(f"noise_space_steps={noise_space_steps} needs solver_space='data', got {solver_space!r}")
 
 
 def _check_corrector_order(corrector_order: int, solver_space: str) -> None:
@@ -585,6 +631,10 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
             regime with ``min_steps <= n`` overrides these settings (any of :data:`REGIME_KEYS`: the update and
             the grid; custom ``timesteps`` take the update of their count). fastdiff's default sampler is one such
             table (:data:`FEW_STEP_REGIMES`).
+        noise_space_steps: with ``solver_space="data"``: the predictor of the first this many steps extrapolates
+            eps (noise space; from the corrected sample with the model's eps, as UniPC's predictor does) while the
+            correctors stay in data space; ``0`` (default): none (fastdiff's option; measured in
+            :data:`FEW_STEP_REGIMES`).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -622,6 +672,7 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         low_step_switch: int = 0,
         log_snr_power: float = 1.0,
         step_regimes: list | None = None,
+        noise_space_steps: int = 0,
     ) -> None:
         check_prediction_type(prediction_type)
         if prediction_type == "flow":
@@ -630,7 +681,8 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         base = dict(solver_space=solver_space, interpolation=interpolation, solver_order=solver_order,
                     corrector_order=corrector_order, max_step_ratio=max_step_ratio,
-                    timestep_schedule=timestep_schedule, log_snr_power=log_snr_power)
+                    timestep_schedule=timestep_schedule, log_snr_power=log_snr_power,
+                    noise_space_steps=noise_space_steps)
         _check_update(**base)
         _check_regimes(step_regimes, base)
         if isinstance(low_step_switch, bool) or not isinstance(low_step_switch, int) or low_step_switch < 0:
@@ -653,7 +705,8 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.coefficients: StepCoefficients | None = None
-        self._history: list[tuple[int, torch.Tensor]] = []  # (step index, prediction d), newest first
+        self._history: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step index, x0, eps), newest first
+        self._last_delta: tuple[int, torch.Tensor] | None = None  # (step index, the correction made there)
 
     # -------------------------------------------------------------------------------------------- grid
     def set_timesteps(
@@ -693,7 +746,8 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
                                  f"timestep_spacing={self.config.timestep_spacing!r} puts timesteps outside "
                                  f"[0, {big_t - 1}]; lower steps_offset or num_inference_steps")
         cfg = self.config
-        update = {k: settings[k] for k in ("solver_space", "interpolation", "max_step_ratio", "corrector_order")}
+        update = {k: settings[k] for k in ("solver_space", "interpolation", "max_step_ratio", "corrector_order",
+                                           "noise_space_steps")}
         if cfg.stochastic:
             update["corrector_order"] = 0
         order = settings["solver_order"]
@@ -705,6 +759,7 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
             self.noise_schedule, ts.tolist(), self._final_timestep, lower_order_final=cfg.lower_order_final,
             solver_order=order, variance=VARIANCE_TYPES.get(cfg.variance_type, "posterior"), **update)
         self._history = []
+        self._last_delta: tuple[int, torch.Tensor] | None = None
 
     def settings_for(self, num_inference_steps: int) -> dict[str, Any]:
         """The update and grid settings (:data:`REGIME_KEYS`) ``set_timesteps`` uses for this many steps: the
@@ -775,17 +830,23 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
             prev = c.alpha_next[k].item() * x0 + c.eps_scale[k].item() * eps + c.noise_std[k].item() * noise
         else:
             if i is not None:
-                d = eps if c.space == "noise" else x0
-                self._history = ([(i, d)] + self._history)[:c.history]
+                self._history = ([(i, x0, eps)] + self._history)[:c.history]
                 # a broken history (steps skipped or repeated) drops the terms that need the missing steps
-                run = next((j for j, (idx, _) in enumerate(self._history) if idx != i - j), len(self._history))
+                run = next((j for j, (idx, *_) in enumerate(self._history) if idx != i - j), len(self._history))
+                last, self._last_delta = self._last_delta, None
                 if c.corrector is not None:
                     row = c.corrector[i].tolist()
-                    used = max((j + 1 for j, w in enumerate(row) if w), default=0)
+                    row_eps = [0.0] * len(row) if c.corrector_eps is None else c.corrector_eps[i].tolist()
+                    used = max((j + 1 for j, (w, we) in enumerate(zip(row, row_eps)) if w or we), default=0)
                     if 0 < used <= run:
-                        delta = sum(w * d_j for w, (_, d_j) in zip(row[:used], self._history))
+                        own = 2 if c.space == "noise" else 1  # the history slot of d
+                        delta = sum(w * h[own] + we * h[2] for w, we, h in zip(row[:used], row_eps, self._history))
+                        carry = 0.0 if c.corrector_carry is None else c.corrector_carry[i].item()
+                        if carry and last is not None and last[0] == i - 1:
+                            delta = delta + carry * last[1]
+                        self._last_delta = (i, delta)
                         x = x + delta
-                        if c.space == "noise":
+                        if c.predicts_noise(i):  # the prediction this step's predictor does not weigh moves
                             x0 = x0 + delta / alpha_t
                         else:
                             eps = eps + delta / sigma_t
@@ -794,8 +855,9 @@ class AcceleratedDDIMScheduler(SchedulerMixin, ConfigMixin):
                 weights = c.weights[i].tolist()
                 used = max((j + 1 for j, w in enumerate(weights) if w), default=0)
                 if 0 < used <= run:
-                    for w, (_, d_j) in zip(weights[:used], self._history):
-                        prev = prev + w * d_j
+                    slot = 2 if c.predicts_noise(i) else 1  # eps or x0 in the history
+                    for w, h in zip(weights[:used], self._history):
+                        prev = prev + w * h[slot]
         prev, x0 = prev.to(dtype), x0.to(dtype)
         if not return_dict:
             return (prev, x0)
@@ -895,6 +957,15 @@ FEW_STEP_REGIMES: list[list[Any]] = [
          "log_snr_power": 0.9}],
     [15, {"solver_space": "data", "interpolation": "log_snr", "solver_order": 3, "corrector_order": 3}],
 ]
+
+#: :data:`FEW_STEP_REGIMES` with ``noise_space_steps=2`` at 8-14 steps (eps-space predictors for the first two steps):
+#: a named option, not the default. On the dev mixtures (``runs/few_step_v5``) it sent fewer samples to the wrong
+#: mixture component at 8-10 steps (dev cells won 11 of 20 vs 9); on the trained digits model it was worse at 8
+#: steps (``fastdiff compare``-style, 100 images, rms to dpmpp_2m x 100: 0.0389 / 0.0423 vs the default's 0.0373 /
+#: 0.0387 on seeds 0 / 1; equal at 10), so the default keeps the data-space start; ``benchmarks/few_step.py`` row
+#: ``accel_ddim_noise_start``.
+NOISE_START_REGIMES: list[list[Any]] = [FEW_STEP_REGIMES[0], [8, {**FEW_STEP_REGIMES[1][1], "noise_space_steps": 2}],
+                                        FEW_STEP_REGIMES[2]]
 
 #: fastdiff's default few-step sampler (registry name ``accel_ddim``): :data:`FEW_STEP_REGIMES` (log-SNR grids from
 #: 8 steps); the top-level update (used by nothing the regimes do not override) is the 8-14-step one.
