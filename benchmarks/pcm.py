@@ -15,11 +15,17 @@ for), with initial latents from seeds the PCM cache never used (``--seed``, defa
 * ``pcm+picard`` / ``pcm+newton``: the same with the PCM's model switching (its checkpoint's default
   schedule; ``--switch-rounds`` / ``--schedule`` / ``--space`` override it);
 * ``pcm[linear2]+...``: the paper's linear ``lambda(r)`` (eq. 4 of ``fastdiff.samplers.pcm``) over 2 rounds, when
-  that is not the checkpoint's default (``--variants`` names others, e.g. ``step1,linear3``).
+  that is not the checkpoint's default (``--variants`` names others, e.g. ``step1,linear3``);
+* ``pcmr<S>+picard`` / ``pcmr<S>+newton`` (with ``--residual DIR``): [fastdiff] the iterate-residual PCM
+  (``fastdiff.samplers.pcm.residual``): the paper PCM's round, then ``S`` switching rounds of the base plus the
+  residual corrector (``--residual-rounds``, e.g. ``1,2,3``), then the base model;
+* ``pcma<S>+...`` (``--residual-accept-rounds``): the same corrector in the solver's first ``S`` rounds after the
+  PCM round instead (mode ``accept``: points are accepted in those rounds as usual).
 
 Also the one-round accuracy: the rms distance to the fixed point ``X*`` (whole trajectory, and its final
 point) after one Picard update with the base model and with the PCM, from the engine's initial iterate ``X^0``
-(``one_round``). DDPM-1000 (no PCM is trained on a stochastic grid) runs with ``--ddpm``.
+(``one_round``); with ``--residual``, ``later_rounds``: the rms to ``X*`` after the PCM round and each of 3 further
+rounds of the PCM again, the base model, or the base plus the residual corrector. DDPM-1000 (no PCM is trained on a stochastic grid) runs with ``--ddpm``.
 
 Each method runs down a ladder of tolerances (largest first, until rms <= 1e-3); its result per target is
 the fewest rounds within it. Rounds
@@ -157,6 +163,12 @@ def pcm_switches(pipe, labels: torch.Tensor, pcm) -> dict[str, ModelSwitch]:
     default, ``"pcm[<schedule><rounds>]"`` each of ``_VARIANTS``."""
     glue = lambda network: digits_denoiser(pipe, labels, GUIDANCE, network)  # noqa: E731
     out = {"pcm": pcm.switch(glue, pipe.transformer)}
+    for rounds in _RESIDUAL_ROUNDS:
+        out[f"pcmr{rounds}"] = _RESIDUAL[0].with_options(residual_rounds=rounds, mode="switch").switch(
+            glue, pipe.transformer)
+    for rounds in _ACCEPT_ROUNDS:
+        out[f"pcma{rounds}"] = _RESIDUAL[0].with_options(residual_rounds=rounds, mode="accept").switch(
+            glue, pipe.transformer)
     if _BASELINE:
         out["pcm-v1"] = _BASELINE[0].switch(glue, pipe.transformer)
     for v in _VARIANTS:
@@ -167,6 +179,9 @@ def pcm_switches(pipe, labels: torch.Tensor, pcm) -> dict[str, ModelSwitch]:
 
 
 _VARIANTS: list[str] = [PAPER_VARIANT]
+_RESIDUAL: list = []  # the iterate-residual PCM (--residual)
+_RESIDUAL_ROUNDS: list[int] = []
+_ACCEPT_ROUNDS: list[int] = []
 _BASELINE: list = []  # the previously shipped PCM, compared side by side (--baseline-pcm)
 
 
@@ -192,6 +207,47 @@ def one_round(pcm, steps: int, n: int, seed: int) -> dict:
           f"{out['base']['trajectory']:.4f} (final point {out['base']['final']:.4f}), PCM {out['pcm']['trajectory']:.4f}"
           f" ({out['pcm']['final']:.4f})" + (f", PCM-v1 {out['pcm-v1']['trajectory']:.4f} ({out['pcm-v1']['final']:.4f})"
                                              if _BASELINE else ""), flush=True)
+    return out
+
+
+@torch.no_grad()
+def later_rounds(residual, steps: int, n: int, seed: int, rounds: int = 3) -> dict:
+    """rms to ``X*`` (whole trajectory, final point) after the jump PCM's round from ``X^0`` and after each of
+    ``rounds`` further rounds of: the jump PCM again, the base model, the base + the residual corrector."""
+    from fastdiff.samplers.pcm.residual import ResidualCorrector
+
+    pipe, labels = _pipe(), torch.arange(n) % 10
+    sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    sm = step_map_for(sched)
+    x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    tr = picard_trajectories(sm, lambda lb: digits_denoiser(pipe, lb, GUIDANCE), x, labels, 1)
+    X0, ref = tr.states[0], tr.reference
+    k, lab = torch.arange(steps).repeat(n), labels.repeat_interleave(steps)
+    corrector = ResidualCorrector(residual.inner, pipe.transformer)
+
+    def round_(X: torch.Tensor, network, prev: torch.Tensor | None = None) -> torch.Tensor:
+        u = model_input(sm, k, X.flatten(0, 1))
+        if network is corrector:
+            corrector.residual = u - model_input(sm, k, prev.flatten(0, 1))
+        out = digits_denoiser(pipe, lab, GUIDANCE, network)(u, sm.timesteps[k]).view_as(X)
+        out[:, 0] = digits_denoiser(pipe, labels, GUIDANCE)(model_input(sm, k[:1], X[:, 0]), sm.timesteps[:1].expand(n))
+        return torch.cat([X[:, :1], picard_update(sm, X, out)[:, :-1]], 1)
+
+    def rms(X: torch.Tensor) -> dict:
+        return {"trajectory": _rms(X, ref[:, :-1]), "final_state": _rms(X[:, -1], ref[:, -2])}
+
+    X1 = round_(X0, residual.jump.model)
+    out = {"steps": steps, "trajectories": n, "seed": seed, "x0": rms(X0), "after_jump": rms(X1)}
+    for name, network in (("pcm", residual.jump.model), ("base", None), ("residual", corrector)):
+        prev, cur, seq = X0, X1, []
+        for _ in range(rounds):
+            prev, cur = cur, round_(cur, network, prev)
+            seq.append(rms(cur))
+        out[name] = seq
+    print(f"  later rounds DDIM-{steps} x {n}: after the jump {out['after_jump']['trajectory']:.4f}; then "
+          + "; ".join(f"{m} " + " ".join(f"{v['trajectory']:.4f}" for v in out[m]) for m in ("pcm", "base", "residual")),
+          flush=True)
     return out
 
 
@@ -229,6 +285,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant-bases", default="picard,newton", help="solvers the variants run with")
     p.add_argument("--baseline-pcm", type=Path, default=None,
                    help="another PCM directory run side by side as pcm-v1+<--variant-bases> (e.g. the previous one)")
+    p.add_argument("--residual", type=Path, default=None,
+                   help="an iterate-residual PCM directory (fastdiff.samplers.pcm.residual), run as pcmr<S>+<base>")
+    p.add_argument("--residual-rounds", default="1,2", help="corrector rounds S after the PCM round, e.g. '1,2,3'")
+    p.add_argument("--residual-accept-rounds", default="",
+                   help="corrected solver rounds (accepting points, mode 'accept') after the PCM round, e.g. '1,2,3': "
+                        "run as pcma<S>+<base>")
+    p.add_argument("--residual-bases", default="picard,newton", help="solvers the residual PCM runs with")
+    p.add_argument("--only-pcm", action="store_true",
+                   help="run only the PCM methods and the baselines (skip the paper-lambda variants)")
+    p.add_argument("--no-fd", action="store_true", help="skip the FD-digits study")
+    p.add_argument("--batches", default="1,8", help="batch sizes to run (e.g. '1' and '8' in two processes)")
+    p.add_argument("--skip-one-round", action="store_true", help="skip the one-round / later-rounds rms studies")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--full", action="store_true", help="batch 8 on every grid (default: DDIM-25 only)")
     p.add_argument("--one-round", type=int, default=8, help="trajectories per grid for the one-round rms")
@@ -250,18 +318,36 @@ def main(argv: list[str] | None = None) -> dict:
         cases += [("ddpm", 1000, 80, 1)]
     if args.quick:
         cases = [("ddim", 25, 25, 1), ("ddim", 25, 25, 8)]
+    batches = {int(v) for v in args.batches.split(",") if v}
+    seeds = {c: args.seed + i for i, c in enumerate(cases)}  # the same seed per case whichever batches run
+    cases = [c for c in cases if c[3] in batches]
     bases = [b for b in args.variant_bases.split(",") if b]
     if args.baseline_pcm is not None:
         _BASELINE[:] = [PicardConsistencyModel.from_pretrained(args.baseline_pcm)]
+    if args.only_pcm:
+        _VARIANTS[:] = []
+    if args.residual is not None:
+        from fastdiff.samplers.pcm.residual import ResidualPCM
+
+        _RESIDUAL[:] = [ResidualPCM.from_pretrained(args.residual)]
+        _RESIDUAL_ROUNDS[:] = [int(v) for v in args.residual_rounds.split(",") if v]
+        _ACCEPT_ROUNDS[:] = [int(v) for v in args.residual_accept_rounds.split(",") if v]
     start = time.perf_counter()
-    rounds1 = [one_round(pcm, steps, 4 if args.quick else args.one_round, args.seed + 200 + steps) for steps in (25, 50, 100)]
+    rounds1 = None if args.skip_one_round else [
+        one_round(pcm, steps, 4 if args.quick else args.one_round, args.seed + 200 + steps) for steps in (25, 50, 100)]
+    later = [later_rounds(_RESIDUAL[0], steps, 4 if args.quick else args.one_round, args.seed + 300 + steps)
+             for steps in (25, 50, 100)] if _RESIDUAL and not args.skip_one_round else None
     methods = METHODS + tuple(f"pcm[{v}]+{b}" for v in _VARIANTS for b in bases) \
-        + tuple(f"pcm-v1+{b}" for b in bases if _BASELINE)
-    studies = [study(kind, steps, window, batch, args.seed + i, pcm, methods, args.quick)
-               for i, (kind, steps, window, batch) in enumerate(cases)]
-    b8 = next(s for s in studies if s["sampler"] == "DDIM-25" and s["batch"] == 8)
-    tols = {m: (r["best"]["0.001"] or {}).get("tolerance") for m, r in b8["methods"].items()}
-    fd = fd_study(8 if args.quick else args.fd_samples, tols, pcm, args.seed + 100)
+        + tuple(f"pcm-v1+{b}" for b in bases if _BASELINE) \
+        + tuple(f"pcmr{r}+{b}" for r in _RESIDUAL_ROUNDS for b in args.residual_bases.split(",") if b) \
+        + tuple(f"pcma{r}+{b}" for r in _ACCEPT_ROUNDS for b in args.residual_bases.split(",") if b)
+    studies = [study(kind, steps, window, batch, seeds[(kind, steps, window, batch)], pcm, methods, args.quick)
+               for kind, steps, window, batch in cases]
+    b8 = next((s for s in studies if s["sampler"] == "DDIM-25" and s["batch"] == 8), None)
+    fd = None
+    if b8 is not None and not args.no_fd:
+        tols = {m: (r["best"]["0.001"] or {}).get("tolerance") for m, r in b8["methods"].items()}
+        fd = fd_study(8 if args.quick else args.fd_samples, tols, pcm, args.seed + 100)
     summary = {}
     for s in studies:
         summary[f"{s['sampler']} B{s['batch']}"] = {
@@ -281,8 +367,11 @@ def main(argv: list[str] | None = None) -> dict:
                  "pcm": {"path": str(args.pcm), "schedule": pcm.schedule, "switch_rounds": pcm.switch_rounds,
                          "space": pcm.space, "update": pcm.update, "variants": _VARIANTS,
                          "trained_grids": pcm.meta.get("grids"), "training": pcm.meta["training"]},
+                 "residual_pcm": None if not _RESIDUAL else {
+                     "path": str(args.residual), "rounds": _RESIDUAL_ROUNDS, "accept_rounds": _ACCEPT_ROUNDS, "training": _RESIDUAL[0].meta["training"],
+                     "jump": _RESIDUAL[0].meta["jump"]},
                  "seconds": round(time.perf_counter() - start, 1), "quick": args.quick},
-        "summary": summary, "one_round": rounds1, "fd": fd, "studies": studies,
+        "summary": summary, "one_round": rounds1, "later_rounds": later, "fd": fd, "studies": studies,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

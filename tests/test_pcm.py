@@ -180,7 +180,7 @@ def test_training_seam_and_export(tmp_path):
 
 
 def test_shipped_pcm(pipe):
-    size = sum(f.stat().st_size for f in EMBEDDED_PCM_DIR.iterdir())
+    size = sum(f.stat().st_size for f in EMBEDDED_PCM_DIR.rglob("*") if f.is_file())  # with residual/
     assert size <= 10 * 2**20
     pcm = load_embedded_pcm()
     pcm.check_base(pipe.transformer, pipe.scheduler)
@@ -291,3 +291,206 @@ def test_training_options(tmp_path):
                        ({"round_probs": [0, 0, 0]}, "round_probs")):
         with pytest.raises(ValueError, match=match):
             PCMTrainer({**tiny, **bad})
+
+
+# ------------------------------------------------------------------------------ iterate-residual PCM [fastdiff]
+def _residual_pcm(pipe, layers=2, seed=0):
+    """A residual PCM with random (non-zero) corrector weights after a perturbed jump PCM."""
+    from fastdiff.samplers.pcm.residual import ResidualPCM, residual_metadata, residual_network
+
+    jump = _perturbed_pcm(pipe)
+    inner = residual_network(pipe.transformer, layers)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in inner.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    meta = residual_metadata(inner, pipe.transformer, pipe.scheduler, jump, "jump", 1.0, [("ddim", 4)], {},
+                             {"jump_rounds": 1, "residual_rounds": 2})
+    return ResidualPCM(jump, inner, meta)
+
+
+def test_residual_network_starts_as_zero_correction(pipe):
+    from fastdiff.samplers.pcm.residual import ResidualCorrector, residual_network
+
+    inner = residual_network(pipe.transformer, 3)
+    assert inner.config.in_channels == 2 and inner.config.num_layers == 3
+    assert torch.equal(inner.pos_embed.proj.weight[:, :1], pipe.transformer.pos_embed.proj.weight)
+    u = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = ResidualCorrector(inner, pipe.transformer)
+    c.residual = torch.randn_like(u)
+    e, t = pipe.encode_class_labels([1, 2, 3], 1, False), torch.tensor([900, 500, 20])
+    base = pipe.transformer(u, encoder_hidden_states=e, timestep=t, return_dict=False)[0]
+    assert torch.equal(c(u, encoder_hidden_states=e, timestep=t).sample, base)  # zero output projection
+    with pytest.raises(ValueError, match="num_layers"):
+        residual_network(pipe.transformer, 7)
+
+
+def test_residual_correction_is_zero_at_rest_and_homogeneous(pipe):
+    """(R1): no correction when the iterate did not move; the correction scales with the residual (c > 0)."""
+    from fastdiff.samplers.pcm.residual import ResidualCorrector
+
+    inner = _residual_pcm(pipe).inner
+    u = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    rho = 0.1 * torch.randn_like(u)
+    rho[1] = 0  # one item at rest
+    e, t = pipe.encode_class_labels([1, 2, 3, 4], 1, False), torch.tensor([900, 500, 200, 20])
+    base = pipe.transformer(u, encoder_hidden_states=e, timestep=t, return_dict=False)[0]
+    c = ResidualCorrector(inner, pipe.transformer)
+    outs = []
+    for scale in (1.0, 3.0):
+        c.residual = scale * rho
+        outs.append(c(u, encoder_hidden_states=e, timestep=t, return_dict=False)[0] - base)
+    assert torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))
+    assert outs[0].abs().amax((1, 2, 3))[[0, 2, 3]].min() > 1e-4  # a real correction elsewhere
+    assert torch.allclose(outs[1], 3 * outs[0], atol=1e-5)
+    only = ResidualCorrector(inner)  # the training form: the correction alone
+    only.residual = rho
+    assert torch.allclose(only(u, encoder_hidden_states=e, timestep=t).sample, outs[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["switch", "accept"])
+@pytest.mark.parametrize("method", ["picard", "newton"])
+def test_parallel_sample_with_residual_pcm_is_exact(pipe, method, mode):
+    rp = _residual_pcm(pipe).with_options(mode=mode)
+    kw = dict(num_inference_steps=8, guidance_scale=2.0, output_type="pt")
+    ref = pipe([3, 5], generator=torch.Generator().manual_seed(0), **kw).images
+    out = fastdiff.parallel_sample(pipe, [3, 5], generator=torch.Generator().manual_seed(0), pcm=rp, method=method,
+                                   tolerance=0.0, **kw)
+    assert (out.images - ref).abs().max() < 1e-4
+    # warm start, jump round, two corrector rounds ("switch"), then the base; "accept": corrected solver rounds
+    assert out.stats.switch_round == (2 + 1 + 2 if mode == "switch" else 2 + 1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        rp.with_options(mode="both")
+
+
+def test_residual_accept_mode_rounds():
+    """mode "accept": the solver's first ``base_rounds`` rounds after the switch get rho = inputs minus the same
+    point's previous inputs (none on the window's first point, whose input is converged), then the plain base."""
+    from fastdiff.samplers.pcm.residual import ResidualSwitch
+
+    sm, x, _, ref = _oracle_setup("ddim")
+    B = x.shape[0]
+    calls = []
+
+    def corrected(rho):
+        def f(u, t):
+            calls.append((u.clone(), t.clone(), rho.clone()))
+            return ORACLE(u, t) + 0.5 * rho
+        return f
+
+    base_calls = []
+    base = lambda u, t: base_calls.append(1) or ORACLE(u, t)  # noqa: E731
+    sw = ResidualSwitch(lambda lam: OTHER, (1.0,), corrected=corrected, jump_rounds=1, base_rounds=2)
+    first = ORACLE(x, sm.timesteps[:1].expand(B))
+    out, st = sample_parallel(sm, base, x, method="picard", tolerance=0.0, first_output=first, model_switch=sw)
+    assert (out - ref).abs().max() < 1e-10 and st.switch_round == 3
+    assert len(calls) == 2 and len(base_calls) == st.rounds - 4  # warm start, jump, two corrected rounds
+    (u1, t1, r1), (u2, t2, r2) = calls
+    assert torch.equal(r1[:B], torch.zeros_like(r1[:B])) and torch.equal(r2[:B], torch.zeros_like(r2[:B]))
+    assert r1[B:].abs().max() > 0  # the jump moved the iterate
+    for v in t2[B:].unique():  # round 2's residual: its inputs minus round 1's at the same timestep
+        assert torch.equal(r2[t2 == v], u2[t2 == v] - u1[t1 == v][:B])  # (round 1's window is padded: last point x2)
+    assert r1[-2 * B:-B].abs().max() > 0  # the last real point of the padded window is corrected too
+    assert sw.base_phase(base) is not base
+    assert ResidualSwitch(lambda lam: OTHER, (1.0,), corrected=corrected).base_phase(base) is base
+    with pytest.raises(ValueError, match="base_rounds"):
+        ResidualSwitch(lambda lam: OTHER, (1.0,), corrected=corrected, base_rounds=-1)
+
+
+def test_residual_switch_feeds_the_last_update():
+    """Round j >= jump_rounds gets rho = (inputs of round j) - (inputs of round j-1); a new solve starts afresh."""
+    from fastdiff.samplers.pcm.residual import ResidualSwitch
+
+    sm, x, _, ref = _oracle_setup("ddim")
+    seen, rhos = [], []
+
+    def jump(u, t):
+        seen.append(u.clone())
+        return OTHER(u, t)
+
+    def corrected(rho):
+        def f(u, t):
+            seen.append(u.clone())
+            rhos.append(rho.clone())
+            return ORACLE(u, t) + 0.5 * rho  # any correction that vanishes at rest
+        return f
+
+    sw = ResidualSwitch(lambda lam: jump, (1.0, 1.0, 1.0), corrected=corrected, jump_rounds=1)
+    first = ORACLE(x, sm.timesteps[:1].expand(x.shape[0]))
+    for _ in range(2):
+        seen.clear()
+        rhos.clear()
+        out, st = sample_parallel(sm, ORACLE, x, method="picard", tolerance=0.0, first_output=first, model_switch=sw)
+        assert (out - ref).abs().max() < 1e-10 and st.switch_round == 5
+        assert len(seen) == 3 and len(rhos) == 2
+        assert torch.equal(rhos[0], seen[1] - seen[0]) and torch.equal(rhos[1], seen[2] - seen[1])
+    with pytest.raises(ValueError, match="jump_rounds"):
+        ResidualSwitch(lambda lam: jump, (1.0,), corrected=corrected, jump_rounds=2)
+    with pytest.raises(TypeError, match="corrected"):
+        ResidualSwitch(lambda lam: jump, (1.0,))
+
+
+def test_residual_checkpoint_roundtrip_and_errors(pipe, tmp_path):
+    from fastdiff.samplers.pcm import resolve_pcm
+    from fastdiff.samplers.pcm.residual import ResidualPCM
+
+    rp = _residual_pcm(pipe)
+    rp.jump.save_pretrained(tmp_path / "r" / "jump")
+    rp.save_pretrained(tmp_path / "r")
+    loaded = resolve_pcm(tmp_path / "r")
+    assert isinstance(loaded, ResidualPCM) and loaded.switch_rounds == 3
+    for a, b in zip(loaded.inner.state_dict().values(), rp.inner.state_dict().values()):
+        assert torch.allclose(a, b.half().float())  # stored in float16
+    loaded.check_base(pipe.transformer, pipe.scheduler)
+    other = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="another base model"):
+        loaded.check_base(other, pipe.scheduler)
+    cosine = d.DDIMScheduler.from_config({**pipe.scheduler.config, "beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(ValueError, match="another noise schedule"):
+        loaded.check_base(pipe.transformer, cosine)
+    _perturbed_pcm(pipe, scale=2e-2).save_pretrained(tmp_path / "r" / "jump")  # not the jump it was trained after
+    with pytest.raises(ValueError, match="not the one this corrector was trained after"):
+        ResidualPCM.from_pretrained(tmp_path / "r")
+    with pytest.raises(ValueError, match="not a residual PCM"):
+        ResidualPCM.from_pretrained(tmp_path / "r" / "jump")
+
+
+def test_residual_training_loss_starts_at_the_base_round():
+    """conditioning "residual": with the zero-initialised corrector, eq. (2)'s loss is the base Picard round's
+    distance to X* from the cached iterates (X^1 = the jump PCM's round); it trains (non-zero gradient)."""
+    from fastdiff.samplers.pcm import PCMTrainer
+
+    t = PCMTrainer({"conditioning": "residual", "grids": [["ddim", 4]], "trajectories": [2], "rounds": 2,
+                    "points_per_step": 8, "num_layers": 1, "round_weighting": "none", "round_probs": [1, 0]})
+    loss = t.training_loss(None, None, None)
+    data = t._cache[0]
+    sm = data.step_map.to(dtype=torch.float32)
+    phi = picard_update(sm, data.states[0], data.base_out[0])
+    per = (phi - data.reference[:, 1:]).pow(2).flatten(1).mean(1)
+    assert float(loss.detach()) in [pytest.approx(float(v), rel=1e-4) for v in (per[0], per[1], per.mean())]
+    assert torch.equal(data.states[1][:, 1:], phi[:, :-1])  # X^2 = Phi(X^1; base)
+    assert torch.equal(data.prev[1], data.states[0])
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.parameters())
+    with pytest.raises(ValueError, match="conditioning"):
+        PCMTrainer({"conditioning": "round"})
+
+
+
+def test_residual_config_trains():
+    """configs/digits_pcm_residual.yaml (the README's command) builds the residual trainer after the shipped PCM."""
+    from fastdiff.samplers.pcm import PCMTrainer
+    from fastdiff.training.config import load_config
+
+    cfg = load_config("digits_pcm_residual", [])
+    mc = {**cfg.model.config, "grids": [["ddim", 4]], "trajectories": [2], "rounds": 2, "points_per_step": 8,
+          "round_probs": [0.5, 0.5]}
+    assert cfg.model.preset == "digits_pcm" and mc["conditioning"] == "residual" and mc["jump"] == "embedded"
+    t = PCMTrainer(mc)
+    assert t.model.config.in_channels == 2 and t.model.config.num_layers == mc["num_layers"]
+    loss = t.training_loss(None, None, None)
+    assert torch.isfinite(loss) and loss.requires_grad
+    meta = t.metadata()["training"]
+    assert meta["conditioning"] == "residual" and meta["num_layers"] == mc["num_layers"]

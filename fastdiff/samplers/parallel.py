@@ -558,7 +558,8 @@ class _Solver:
             self.update(b, k, x0, eps, exact=0)
             self.method = method
             self.extend(b + n, b + n - 1)
-        self.current = self.den
+        hook = getattr(sw, "base_phase", None)  # a switch may wrap the base rounds (fastdiff.samplers.pcm.residual)
+        self.current = self.den if hook is None else hook(self.den)
         self.seen.zero_()
         self.last_change.zero_()
         self.stats.switch_round = self.stats.rounds + 1

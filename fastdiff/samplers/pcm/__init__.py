@@ -55,6 +55,12 @@ applies the method's own update) to every point of the first window but accept n
 at ``stats.switch_round`` and from there the method is unchanged (every round accepts at least one exact step), so
 any method works with a switch and ``tolerance=0`` reproduces sequential sampling to float precision.
 
+Conditioning. The paper's PCM sees what the base model sees, ``(x_k, t_k)`` (eq. 2 / Fig. 2: ``Phi(X^k; theta)``
+with the base architecture; no iteration index or other input is described in the sources above). It therefore
+cannot be exact at ``X*`` and only its first round helps. [fastdiff] option ``conditioning: residual``
+(:mod:`fastdiff.samplers.pcm.residual`, :class:`~.residual.ResidualPCM`): after the PCM's round, further
+switching rounds add a corrector fed with the iterate's last update, exactly zero at the fixed point.
+
 Checkpoints (:class:`PicardConsistencyModel`) record a fingerprint of the base weights and of the noise
 schedule (``alphas_cumprod``, prediction type); using one with another base model or schedule raises a
 ``ValueError`` that names the mismatch.
@@ -76,17 +82,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .parallel import sample_parallel
-from .steps import Denoiser, StepMap, apply_step, denoise, model_input, sample_sequential, step_map_for
+from ..parallel import sample_parallel
+from ..steps import Denoiser, StepMap, apply_step, denoise, model_input, sample_sequential, step_map_for
 
 SCHEDULES = ("step", "linear", "cosine")
-ROUND_WEIGHTINGS = ("inverse_std", "none")
+ROUND_WEIGHTINGS = ("inverse_std", "inverse_var", "none")
 UPDATES = ("picard", "method")
 VAR_FLOOR = 1e-6  # eq. 2's Var(r) floor (latent units squared)
 SPACES = ("feature", "weight")
 CONFIG_NAME = "pcm_config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-EMBEDDED_PCM_DIR = Path(__file__).resolve().parents[1] / "models" / "digits_pcm"
+EMBEDDED_PCM_DIR = Path(__file__).resolve().parents[2] / "models" / "digits_pcm"
 
 
 # ------------------------------------------------------------------------------------------- lambda(k)
@@ -317,12 +323,22 @@ def load_embedded_pcm(**options: Any) -> PicardConsistencyModel:
 
 
 def resolve_pcm(pcm: Any) -> PicardConsistencyModel:
-    """A :class:`PicardConsistencyModel` from itself, ``"embedded"`` (the shipped digits PCM) or a directory."""
-    if isinstance(pcm, PicardConsistencyModel):
+    """A :class:`PicardConsistencyModel` (or :class:`~.residual.ResidualPCM`) from itself, ``"embedded"`` (the shipped
+    digits PCM) or a directory (a residual PCM's by its ``pcm_config.json`` format)."""
+    from .residual import FORMAT as RESIDUAL_FORMAT
+    from .residual import ResidualPCM
+
+    if isinstance(pcm, (PicardConsistencyModel, ResidualPCM)):
         return pcm
     if isinstance(pcm, (str, Path)):
-        return load_embedded_pcm() if str(pcm) == "embedded" else PicardConsistencyModel.from_pretrained(pcm)
-    raise TypeError(f"pcm must be a PicardConsistencyModel, a PCM directory or 'embedded', got {type(pcm).__name__}")
+        if str(pcm) == "embedded":
+            return load_embedded_pcm()
+        config = Path(pcm) / CONFIG_NAME
+        if config.is_file() and json.loads(config.read_text()).get("format") == RESIDUAL_FORMAT:
+            return ResidualPCM.from_pretrained(pcm)
+        return PicardConsistencyModel.from_pretrained(pcm)
+    raise TypeError(f"pcm must be a PicardConsistencyModel, a ResidualPCM, a PCM directory or 'embedded', got "
+                    f"{type(pcm).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- training data
@@ -444,7 +460,12 @@ DEFAULT_TRAIN_CONFIG: dict = {
     "round_weighting": "inverse_std",  # [paper] alpha(k) = 1 / sqrt(Var(k)) (eq. 2); "none": [fastdiff] alpha = 1
     "round_probs": None,  # [paper] None: k ~ U{0..R-1}; [fastdiff] a probability per round (e.g. stress round 0)
     "inference": {"schedule": "linear", "switch_rounds": 2, "space": "feature"},
+    # [fastdiff] "residual": train the iterate-residual corrector of fastdiff.samplers.pcm.residual after the jump PCM
+    "conditioning": "none",  # [paper] the PCM sees (x_k, t_k) only
+    "jump": "embedded",  # conditioning "residual": the paper PCM whose round the corrector follows
+    "num_layers": None,  # conditioning "residual": transformer blocks of the corrector (None: the base's)
 }
+CONDITIONINGS = ("none", "residual")
 
 
 class PCMTrainer(nn.Module):
@@ -478,18 +499,38 @@ class PCMTrainer(nn.Module):
                                   or not sum(probs) > 0):
             raise ValueError(f"model.config.round_probs must be None or {cfg['rounds']} non-negative weights (one "
                              f"per round), got {probs!r}")
+        if cfg["conditioning"] not in CONDITIONINGS:
+            raise ValueError(f"model.config.conditioning must be one of {CONDITIONINGS}, got {cfg['conditioning']!r}")
         self.cfg, self.grids = cfg, grids
         pipe = _load_base(cfg["base"])
         object.__setattr__(self, "_pipe", pipe)  # frozen, not a submodule: no optimizer / EMA state for it
+        self._cache = None
+        self._gen = torch.Generator().manual_seed(int(cfg["seed"]) + 1)
+        self._step = 0
+        if cfg["conditioning"] == "residual":
+            self._init_residual(cfg, pipe)
+            return
         self.model = copy.deepcopy(pipe.transformer).requires_grad_(True)
         if cfg["init"] != "base":  # continue from a PCM checkpoint of this base model
             start = resolve_pcm(cfg["init"])  # "embedded": the shipped PCM
             start.check_base(pipe.transformer, pipe.scheduler)
             self.model.load_state_dict(start.model.state_dict())
         self.config = self.model.config  # the training script reads model.config (sample size, channels)
-        self._cache: list[Trajectories] | None = None
-        self._gen = torch.Generator().manual_seed(int(cfg["seed"]) + 1)
-        self._step = 0
+
+    def _init_residual(self, cfg: dict, pipe: Any) -> None:
+        """conditioning "residual": ``self.model`` is the corrector ``N_theta`` of :mod:`.residual`."""
+        from .residual import ResidualCorrector, ResidualPCM, residual_network
+
+        jump = resolve_pcm(cfg["jump"])
+        jump.check_base(pipe.transformer, pipe.scheduler)
+        object.__setattr__(self, "_jump", jump)
+        self.model = residual_network(pipe.transformer, cfg["num_layers"]).requires_grad_(True)
+        if cfg["init"] != "base":
+            start = ResidualPCM.from_pretrained(cfg["init"])
+            start.check_base(pipe.transformer, pipe.scheduler)
+            self.model.load_state_dict(start.inner.state_dict())
+        object.__setattr__(self, "_corrector", ResidualCorrector(self.model, None))
+        self.config = pipe.transformer.config  # the data the training script paces with: the base's shape
 
     @property
     def pipe(self):
@@ -504,7 +545,7 @@ class PCMTrainer(nn.Module):
 
     def build_cache(self) -> list[Trajectories]:
         pipe, g = self.pipe, float(self.cfg["guidance_scale"])
-        shape = (self.model.config.in_channels, self.model.config.sample_size, self.model.config.sample_size)
+        shape = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
         gen = torch.Generator().manual_seed(int(self.cfg["seed"]))
         out = []
         for (kind, steps), n in zip(self.grids, self.cfg["trajectories"]):
@@ -512,8 +553,15 @@ class PCMTrainer(nn.Module):
                 raise ValueError("Picard consistency training on stochastic (DDPM) grids is not supported")
             x = torch.randn((n, *shape), generator=gen)
             labels = torch.arange(n) % 10
+            rounds = 1 if self.cfg["conditioning"] == "residual" else self.cfg["rounds"]  # residual: X^0 only
             out.append(picard_trajectories(self._grid_map(kind, steps), lambda lb: digits_denoiser(pipe, lb, g),
-                                           x, labels, self.cfg["rounds"]))
+                                           x, labels, rounds))
+            if self.cfg["conditioning"] == "residual":
+                from .residual import residual_sequences
+
+                on_policy = self.model if self.cfg["init"] != "base" else None  # continued: (R1) iterates
+                out[-1] = residual_sequences(out[-1], self._jump.model, pipe, self.cfg["rounds"], g,
+                                             corrector=on_policy)
             print(f"PCM cache: {kind.upper()}-{steps}, {n} trajectories x {self.cfg['rounds']} iterates", flush=True)
         return out
 
@@ -531,6 +579,11 @@ class PCMTrainer(nn.Module):
         else:
             r = torch.multinomial(torch.tensor(self.cfg["round_probs"], dtype=torch.float64), n, True,
                                   generator=self._gen)
+        if self.cfg["conditioning"] == "residual":
+            from .residual import residual_loss
+
+            err = residual_loss(data, self._corrector, self.pipe, idx, r, float(self.cfg["guidance_scale"]))
+            return (self._alpha(data)[r].to(err) * err).mean()
         device = next(self.model.parameters()).device
         states = data.states[r, idx].to(device)  # [n, K, ...]
         target = data.reference[idx, 1:].to(device)
@@ -556,16 +609,28 @@ class PCMTrainer(nn.Module):
         if data.alpha is None:
             var = (data.states - data.reference[None, :, :-1]).pow(2).flatten(2).mean((1, 2))
             a = var.clamp(min=VAR_FLOOR).rsqrt()
+            if self.cfg["round_weighting"] == "inverse_var":  # [fastdiff] 1 / Var(r): every round's relative error
+                a = a.pow(2)
             data.alpha = a / a.mean()
         return data.alpha
 
     def save_pretrained(self, path: str | Path) -> None:
+        if self.cfg["conditioning"] == "residual":
+            from .residual import residual_metadata, save_residual
+
+            jump = "embedded" if self.cfg["jump"] == "embedded" else str(Path(self.cfg["jump"]).resolve())
+            meta = residual_metadata(self.model, self.pipe.transformer, self.pipe.scheduler, self._jump, jump,
+                                     float(self.cfg["guidance_scale"]), self.grids, self.metadata()["training"],
+                                     self.cfg["inference"])
+            save_residual(self.model, meta, path)
+            return
         save_pcm(self.model, self.metadata(), path)
 
     def metadata(self) -> dict:
         return pcm_metadata(self.pipe.transformer, self.pipe.scheduler, float(self.cfg["guidance_scale"]),
                             self.grids, {k: self.cfg[k] for k in ("trajectories", "rounds", "points_per_step", "seed",
-                                                                  "base", "init", "round_weighting", "round_probs")}, self.cfg["inference"])
+                                                                  "base", "init", "round_weighting", "round_probs",
+                                                                  "conditioning", "jump", "num_layers")}, self.cfg["inference"])
 
 
 def pcm_metadata(base_model: nn.Module, scheduler: Any, guidance_scale: float = 1.0,
