@@ -54,7 +54,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import fastdiff
 from fastdiff.caching import disable_cache, disable_tgate, enable_cache, enable_tgate
@@ -62,7 +61,7 @@ from fastdiff.caching.engine import Action
 from fastdiff.caching.tgate import SelfAttnSchedule, tgate_actions
 from fastdiff.metrics import evaluate_samples
 from fastdiff.studies.caching import diffusers_cache
-from fastdiff.studies.measure import count_macs, interleaved_seconds
+from fastdiff.studies.measure import count_macs, flop_counter, interleaved_seconds
 from fastdiff.testing import SD_SCHEDULER_CONFIG, tiny_clip_tokenizer_and_encoder
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,7 +138,7 @@ def sd15_macs() -> dict[str, float]:
     for batch in (1, 2):
         x = torch.empty(batch, 4, 64, 64, device="meta")
         ctx = torch.empty(batch, CONTEXT_TOKENS, 768, device="meta")
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with flop_counter() as counter, torch.no_grad():
             unet(x, 500, encoder_hidden_states=ctx)
         flops = counter.get_flop_counts()
         cross = sum(sum(v.values()) for k, v in flops.items() if k.endswith(".attn2"))
@@ -165,7 +164,7 @@ def per_step_macs(pipe: StableDiffusionPipeline, call: Callable[..., Any]) -> li
         marks.append(sum(counter.get_flop_counts().get(name, {}).values()) / 2)
         return kwargs
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         call(callback_on_step_end=mark)
     return [b - a for a, b in zip([0.0] + marks[:-1], marks)]
 
@@ -546,19 +545,33 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
     times = interleaved_seconds(fns, repeats=repeats, warmup=1,
                                 setup=lambda name: undo.__setitem__(name, bench.enabled(by_name[name])),
                                 teardown=lambda name: undo.pop(name)())
+    macs = {}  # recounted with the current counter (CPU attention included), so MACs and time match
+    for c in configs:
+        disable = bench.enabled(c)
+        try:
+            macs[c.name] = count_macs(lambda c=c: bench.sample(c, 1), bench.pipe.denoiser)
+        finally:
+            disable()
     ref = times["uncached"]
     rows = {}
     for name, t in times.items():
-        rows[name] = {"wall_s": round(t["wall_median"], 4), "cpu_s": round(t["cpu_median"], 4),
+        rows[name] = {"macs_saved": reduction(macs[name], macs["uncached"]),
+                      "wall_s": round(t["wall_median"], 4), "cpu_s": round(t["cpu_median"], 4),
                       "wall_saved": reduction(t["wall_median"], ref["wall_median"]),
                       "cpu_saved": reduction(t["cpu_median"], ref["cpu_median"]),
+                      "wall_saved_range": [reduction(max(t["wall"]), ref["wall_median"]),
+                                           reduction(min(t["wall"]), ref["wall_median"])],
+                      "wall_saved_per_round": [reduction(x, r) for x, r in zip(t["wall"], ref["wall"])],
                       "wall_s_all": [round(x, 3) for x in t["wall"]], "cpu_s_all": [round(x, 3) for x in t["cpu"]]}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "not_retimed": [n for n in names if n not in known],  # recorded rows of settings no longer swept
             "num_images": num_images, "repeats": repeats, "threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "method": "A/B-interleaved rounds (every setting once per round, after one untimed round), median; "
-                      "wall: time.perf_counter, cpu: time.thread_time of the sampling thread", "runs": rows}
+                      "wall: time.perf_counter, cpu: time.thread_time of the sampling thread; wall_saved_range: "
+                      "the slowest and fastest round against the uncached median; wall_saved_per_round: each round "
+                      "against that round's uncached run; macs_saved: recounted here (1 image + CFG, "
+                      "fastdiff.studies.measure.count_macs, CPU attention included)", "runs": rows}
 
 
 def deepcache_agreement(pipe: Any, steps: int) -> dict | None:
@@ -620,6 +633,7 @@ def timing_targets(section: dict) -> dict | None:
     if not wall:
         return None
     macs = {r["name"]: r["macs_saved"] for r in section["runs"] if "macs_saved" in r}
+    macs.update({name: t["macs_saved"] for name, t in wall["runs"].items() if "macs_saved" in t})  # same counter
     gaps = {name: {"macs_saved": macs[name], "wall_saved": t["wall_saved"], "cpu_saved": t["cpu_saved"],
                    "gap_wall": round(macs[name] - t["wall_saved"], 4), "gap_cpu": round(macs[name] - t["cpu_saved"], 4)}
             for name, t in wall["runs"].items() if name in macs and name != "uncached"}
@@ -647,11 +661,15 @@ def markdown(result: dict) -> str:
         wall = section.get("wall")
         if wall:
             macs = {r["name"]: r["macs_saved"] for r in section["runs"] if "macs_saved" in r}
+            macs.update({name: t["macs_saved"] for name, t in wall["runs"].items() if "macs_saved" in t})
             lines += ["", f"Front settings timed A/B-interleaved ({wall['num_images']} images, {wall['repeats']} rounds, "
                       f"median, {wall['threads']} thread, load average {wall['load_average']}, {wall['date']}):", "",
-                      "| setting | MACs saved | wall saved | thread-CPU saved | wall s | CPU s |", "|---|---|---|---|---|---|"]
+                      "| setting | MACs saved | wall saved | wall saved, rounds | thread-CPU saved | wall s | CPU s |",
+                      "|---|---|---|---|---|---|---|"]
             for name, t in wall["runs"].items():
-                lines.append(f"| {name} | {100 * macs.get(name, 0):.1f} % | {100 * t['wall_saved']:.1f} % | "
+                spread = t.get("wall_saved_range")
+                spread = f"{100 * spread[0]:.1f} to {100 * spread[1]:.1f} %" if spread else ""
+                lines.append(f"| {name} | {100 * macs.get(name, 0):.1f} % | {100 * t['wall_saved']:.1f} % | {spread} | "
                              f"{100 * t['cpu_saved']:.1f} % | {t['wall_s']:.2f} | {t['cpu_s']:.2f} |")
         lines.append("")
     return "\n".join(lines) + "\n"

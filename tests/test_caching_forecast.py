@@ -114,3 +114,68 @@ def test_warmup_and_cooldown_schedules():
     assert plan(10, 3, 3, 1) == "CCC..C..CC"
     schedule = calibrated_schedule([math.inf] + [0.1] * 9, 0.5, forced=[1, 9])
     assert schedule[0] and schedule[1] and schedule[9] and schedule.count(False) == 5
+
+
+def test_combine_keeps_the_roundings_of_the_out_of_place_forms_and_never_writes_the_kept_values():
+    from fastdiff.caching.features import combine
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(64, 16, 16, 16, generator=g) for _ in range(3))
+    copies = [x.clone() for x in (a, b, c)]
+    w = forecast_weights(430.0, [480.0, 530.0, 630.0], 2, "newton")
+    assert torch.equal(combine(w[:2], [a, b]), a + (-w[1]) * (a - b))  # the first-order form F_a + w (F_a - F_b)
+    assert torch.equal(combine(w, [a, b, c]), (a + w[1] * (b - a)) + w[2] * (c - a))
+    assert all(torch.equal(x, y) for x, y in zip((a, b, c), copies))
+    torch.testing.assert_close(combine(w, [a.double(), b.double(), c.double()]),
+                               sum(wj * x.double() for wj, x in zip(w, (a, b, c))), rtol=1e-12, atol=1e-12)
+
+
+def test_values_with_both_cfg_halves_forecast_as_one_batch_equal_each_half_concatenated():
+    from fastdiff.caching.engine import Layout, Run
+    from fastdiff.caching.features import History
+
+    g = torch.Generator().manual_seed(1)
+    history, run = History(), Run(timestep=300.0)
+    for t in (600.0, 500.0, 400.0):
+        history.push(t, Layout.BOTH, (torch.randn(4, 3, generator=g), (torch.randn(4, 2, 2, generator=g),)))
+    for order in (0, 1, 2):
+        whole = history.load(run, Layout.BOTH, order, "newton")
+        halves = [history.load(run, half, order, "newton") for half in (Layout.UNCOND, Layout.COND)]
+        assert torch.equal(whole[0], torch.cat([halves[0][0], halves[1][0]]))
+        assert torch.equal(whole[1][0], torch.cat([halves[0][1][0], halves[1][1][0]]))
+    assert history.load(run, Layout.BOTH, 0) is history.entries[0][2]  # served as kept: no copy
+    history.push(350.0, Layout.COND, (torch.randn(2, 3, generator=g), (torch.randn(2, 2, 2, generator=g),)))
+    mixed = history.load(Run(timestep=320.0), Layout.BOTH, 1, "newton")  # halves kept at different steps
+    kept = {t: v[0] for t, _, v in history.entries}
+    uncond = combine(forecast_weights(320.0, [400.0, 500.0], 1, "newton"), [kept[400.0][:2], kept[500.0][:2]])
+    cond = combine(forecast_weights(320.0, [350.0, 400.0], 1, "newton"), [kept[350.0], kept[400.0][2:]])
+    torch.testing.assert_close(mixed[0], torch.cat([uncond, cond]), rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [None, "residual"])
+def test_deep_reuse_forecasting_only_f_cache_equals_forecasting_every_served_module(guidance):
+    """Reference: the same cache with every served module forecast (as before). Only DeepCache's F_cache reaches a
+    module that runs, so forecasting the others changes nothing: equal bit for bit, for every skip branch."""
+    from diffusers.hooks import HookRegistry
+
+    from fastdiff.caching.features import FEATURE_HOOK, deep_modules, num_branches
+    from fastdiff.testing import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(sample_size=8)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sample = lambda: sd(["a cat", "a dog"], num_inference_steps=7, guidance_scale=5.0, latents=noise,  # noqa: E731
+                        output_type="latent").images
+    ref = sample()
+    kw = dict(interval=2, cooldown=1, order=2, guidance=guidance, guidance_interval=3)
+    for branch in range(num_branches(sd.unet)):
+        fastdiff.enable_cache(sd, branch=branch, **kw)
+        hooks = [HookRegistry.check_if_exists_or_initialize(m).get_hook(FEATURE_HOOK)
+                 for m in deep_modules(sd.unet, branch)]
+        assert [h.order for h in hooks] == [0] * (len(hooks) - 1) + [2]
+        fast = sample()
+        for h in hooks:
+            h.order = 2  # forecast every served module
+        every = sample()
+        fastdiff.disable_cache(sd)
+        assert torch.equal(fast, every) and (fast - ref).abs().max() > 0, branch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdiff.studies.caching import diffusers_cache
-from fastdiff.studies.measure import interleaved_seconds
+from fastdiff.studies.measure import count_macs, flop_counter, interleaved_seconds
 from fastdiff.testing import tiny_pixart_pipeline
 
 
@@ -45,3 +45,31 @@ def test_diffusers_cache_takes_any_config_and_restores_the_pipeline():
     with pytest.raises(ValueError, match="name must be one of"):
         with diffusers_cache(pipe, "taylorseer"):
             pass
+
+
+def test_count_macs_counts_cpu_attention():
+    """torch's FlopCounterMode alone counts 0 for ``F.scaled_dot_product_attention`` on CPU; fastdiff's counter
+    counts its two matmuls (Q K^T and P V), forward and backward, as torch does for the fused CUDA kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    b, h, n, m, d, e = 2, 3, 10, 7, 4, 4  # e == d: the CPU flash kernel (else SDPA falls back to unfused math)
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, h, m, d), torch.randn(b, h, m, e)
+    attention = Attention()
+    assert count_macs(lambda: attention(q, k, v), attention) == b * h * n * m * (d + e)
+    with torch.no_grad():
+        reference = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1) @ v  # the same matmuls, unfused
+    with FlopCounterMode(display=False) as unfused:
+        torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1) @ v
+    torch.testing.assert_close(attention(q, k, v), reference)
+    assert 2 * count_macs(lambda: attention(q, k, v), attention) == unfused.get_total_flops()
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    with flop_counter() as counter:
+        attention(q, k, v).sum().backward()
+    # torch's formula for fused backward kernels: Q K^T recomputed, then dP, dV, dQ, dK
+    backward = 2 * b * h * n * m * (3 * d + 2 * e)
+    assert counter.get_total_flops() == unfused.get_total_flops() + backward

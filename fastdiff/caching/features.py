@@ -35,7 +35,10 @@ last full steps, ``F^(i)(t_a) ~ Delta^i F(t_a) / N^i``; the official code (Sheny
 
 Both are the same at ``order=1``: ``F(t) ~ F_a + (t - t_a) (F_a - F_b) / (t_a - t_b)``. Either is a fixed
 linear combination ``sum_j w_j F_j`` of the kept values (:func:`forecast_weights`); with fewer kept values than
-``order + 1`` (the first reuse steps) the order drops to what is kept.
+``order + 1`` (the first reuse steps) the order drops to what is kept. On UNets only ``F_cache`` (the output of
+the last served module, the one a computed module reads) is forecast; the other served modules feed served
+modules only and return their kept outputs as they are, so a reuse step spends no arithmetic on discarded
+values. Values that hold both CFG halves are forecast as one batch.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from .engine import Action, Layout, Run, split_layout, tensors_of, zip_tensors
+from .engine import Action, Layout, Run, map_tensors, split_layout, tensors_of, zip_tensors
 
 FEATURE_HOOK = "fastdiff_cache_features"
 FEATURE_KINDS = ("deep", "blocks")
@@ -75,7 +78,8 @@ def num_branches(unet: torch.nn.Module) -> int:
 
 
 def deep_modules(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
-    """The outermost modules DeepCache serves from the cache at reuse steps for skip branch ``branch``."""
+    """The outermost modules DeepCache serves from the cache at reuse steps for skip branch ``branch``, in the
+    order they run; the last one's output is DeepCache's ``F_cache``, the only one a computed module reads."""
     block_id, layer_id = divmod(branch, layers_per_branch_block(unet))
     skipped: list[torch.nn.Module] = []
     for i, block in enumerate(unet.down_blocks):
@@ -173,6 +177,11 @@ class History:
 
     def load(self, run: Run, want: Layout, order: int, forecast: str = "taylor") -> Any | None:
         if want is Layout.BOTH:
+            newest = self.entries[: order + 1]
+            if newest and all(run.resolve(layout) is Layout.BOTH for _, layout, _ in newest):
+                # every value the forecast reads holds both CFG halves at the same timesteps: forecasting the
+                # whole batch at once is, element for element, forecasting each half and concatenating them
+                return self._extrapolate(run, [(t, v) for t, _, v in newest], order, forecast)
             uncond, cond = self.load(run, Layout.UNCOND, order, forecast), self.load(run, Layout.COND, order, forecast)
             if uncond is None or cond is None:
                 found = self._values(run, want, order)
@@ -200,17 +209,28 @@ class History:
             return found[0][1]
         weights = forecast_weights(run.timestep, times, order, forecast)
         values = [v for _, v in found[: len(weights)]]
-        if len(weights) == 2:  # F_a + w (F_a - F_b): the first-order form, as before
-            w = -weights[1]
-            return zip_tensors(values[0], values[1], lambda a, b: a + w * (a - b))
-        out = values[0]
-        for w, v in zip(weights[1:], values[1:]):  # F_a + sum_j w_j (F_j - F_a), since sum_j w_j = 1
-            out = zip_tensors(out, zip_tensors(v, values[0], lambda b, a: b - a), lambda o, d, w=w: o + w * d)
-        return out
+        flat = [tensors_of(v) for v in values]
+        combined = iter([combine(weights, [f[i] for f in flat]) for i in range(len(flat[0]))])
+        return map_tensors(values[0], lambda _: next(combined))
+
+
+def combine(weights: list[float], values: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_j w_j F_j`` (newest ``F_a = values[0]`` first, ``sum_j w_j = 1``) as ``F_a + w (F_a - F_b)`` at first
+    order and ``F_a + sum_{j >= 1} w_j (F_j - F_a)`` above, with one new tensor per term (the others in place:
+    the same roundings as the out-of-place expressions); the kept values are never written."""
+    a = values[0]
+    if len(values) == 2:
+        return torch.sub(a, values[1]).mul_(-weights[1]).add_(a)
+    out = None
+    for w, v in zip(weights[1:], values[1:]):
+        term = torch.sub(v, a).mul_(w)
+        out = term.add_(a) if out is None else out.add_(term)
+    return out
 
 
 class FeatureHook(ModelHook):
-    """On one UNet module deeper than the cached branch: compute and keep, or serve the kept output."""
+    """On one UNet module deeper than the cached branch: compute and keep, or serve the kept output (forecast at
+    ``order > 0``; :func:`feature_hooks` gives the modules whose outputs only feed other served modules order 0)."""
 
     def __init__(self, run: Run, key: Any, order: int, forecast: str = "taylor") -> None:
         super().__init__()
@@ -270,8 +290,11 @@ class SpanHook(ModelHook):
 def feature_hooks(denoiser: torch.nn.Module, run: Run, kind: str, branch: int, blocks: tuple[int, int],
                   order: int, forecast: str = "taylor") -> list[tuple[Any, ModelHook, str]]:
     if kind == "deep":
-        return [(m, FeatureHook(run, ("deep", i), order, forecast), FEATURE_HOOK)
-                for i, m in enumerate(deep_modules(denoiser, branch))]
+        # Only the last served module's output (DeepCache's F_cache = U_{m+1}(.), Eq. 3-4) reaches a module that
+        # runs at reuse steps; the others feed served modules only and are served as kept, without a forecast.
+        modules = deep_modules(denoiser, branch)
+        return [(m, FeatureHook(run, ("deep", i), order if i == len(modules) - 1 else 0, forecast), FEATURE_HOOK)
+                for i, m in enumerate(modules)]
     start, end = blocks
     return [(denoiser.transformer_blocks[i],
              SpanHook(run, ("span", start, end), i == start, i == end - 1, order, forecast), FEATURE_HOOK)

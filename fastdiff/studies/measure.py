@@ -46,20 +46,45 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
     return model
 
 
+def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any,
+                                  *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter(display: bool = False) -> Any:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts CPU attention: torch's counter knows the CUDA
+    fused-attention kernels but not ``aten._scaled_dot_product_flash_attention_for_cpu`` (what
+    ``F.scaled_dot_product_attention`` runs on CPU), so without this every CPU attention counted 0 FLOPs. The
+    formula is torch's own for the fused kernels (``sdpa_flop_count``: ``Q K^T`` and ``P V``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=display, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    })
+
+
 def count_macs(fn: Callable[[], Any], module: torch.nn.Module | Any) -> float:
     """Multiply-accumulates spent inside ``module`` (a model, or a pipeline's denoiser) while ``fn()`` runs.
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; MACs =
-    FLOPs / 2) around each call of that module object only, so other modules (a VAE, a text encoder, another
-    instance of the same class) do not count.
+    Counted by :func:`flop_counter` (torch's ``FlopCounterMode``: matmuls, convolutions and attention, CPU
+    attention included; MACs = FLOPs / 2) around each call of that module object only, so other modules (a VAE,
+    a text encoder, another instance of the same class) do not count.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = denoiser_of(module)
     flops, active = [0], []
 
     def enter(mod: torch.nn.Module, args: tuple) -> None:
-        active.append(FlopCounterMode(display=False))
+        active.append(flop_counter())
         active[-1].__enter__()
 
     def leave(mod: torch.nn.Module, args: tuple, output: Any) -> None:
