@@ -185,15 +185,22 @@ _ACCEPT_ROUNDS: list[int] = []
 _BASELINE: list = []  # the previously shipped PCM, compared side by side (--baseline-pcm)
 
 
-@torch.no_grad()
-def one_round(pcm, steps: int, n: int, seed: int) -> dict:
-    """rms distance to the fixed point after one Picard update (eq. 1) from ``X^0``, base model vs PCM."""
+def _initial_trajectories(steps: int, n: int, seed: int):
+    """The embedded pipeline, ``n`` labels, DDIM-``steps``' step map and the base model's Picard trajectories
+    (one round) from the noise of ``seed``."""
     pipe, labels = _pipe(), torch.arange(n) % 10
     sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
     sm = step_map_for(sched)
     x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
     tr = picard_trajectories(sm, lambda lb: digits_denoiser(pipe, lb, GUIDANCE), x, labels, 1)
+    return pipe, labels, sm, tr
+
+
+@torch.no_grad()
+def one_round(pcm, steps: int, n: int, seed: int) -> dict:
+    """rms distance to the fixed point after one Picard update (eq. 1) from ``X^0``, base model vs PCM."""
+    pipe, labels, sm, tr = _initial_trajectories(steps, n, seed)
     X, ref = tr.states[0], tr.reference[:, 1:]
     k = torch.arange(steps).repeat(n)
     lab = labels.repeat_interleave(steps)
@@ -216,12 +223,7 @@ def later_rounds(residual, steps: int, n: int, seed: int, rounds: int = 3) -> di
     ``rounds`` further rounds of: the jump PCM again, the base model, the base + the residual corrector."""
     from fastdiff.samplers.pcm.residual import ResidualCorrector
 
-    pipe, labels = _pipe(), torch.arange(n) % 10
-    sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    sm = step_map_for(sched)
-    x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-    tr = picard_trajectories(sm, lambda lb: digits_denoiser(pipe, lb, GUIDANCE), x, labels, 1)
+    pipe, labels, sm, tr = _initial_trajectories(steps, n, seed)
     X0, ref = tr.states[0], tr.reference
     k, lab = torch.arange(steps).repeat(n), labels.repeat_interleave(steps)
     corrector = ResidualCorrector(residual.inner, pipe.transformer)
