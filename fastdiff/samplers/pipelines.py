@@ -98,8 +98,10 @@ def parallel_sample(
     ``distributed`` splits each window across the ``torch.distributed`` processes (default: when a process
     group with more than one process is initialised); every process then returns the same images.
     Step callbacks (``callback_on_step_end``) run once, after the solve, on the final latents.
-    ``pcm`` (a :class:`fastdiff.samplers.pcm.PicardConsistencyModel`, its directory, or ``"embedded"`` for the
-    shipped digits PCM) accelerates the first rounds by PCM model switching, with any ``method``; the
+    ``pcm`` (a :class:`fastdiff.samplers.pcm.PicardConsistencyModel`, a
+    :class:`fastdiff.samplers.pcm.residual.ResidualPCM` (fastdiff's iterate-residual option), either's directory,
+    or ``"embedded"`` for the shipped digits PCM) accelerates the first rounds by PCM model switching, with any
+    ``method``; the
     result still converges to the base model's (``stats.switch_round``: the first round on the base model).
     """
     adapter = _adapter_for(pipe)
