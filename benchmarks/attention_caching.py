@@ -342,12 +342,17 @@ def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool, cal_all: Any =
     for n, cool in ((2, 2), (3, 2), (3, 3)) if full else ((2, 2), (3, 2)):
         add(f"{tag} N={n} cooldown {cool} order 2", f"{feats}+order2+cooldown", interval=n, cooldown=cool, order=2,
             forecast="newton", **span)
+    if kind == "unet":  # the shallow blocks' part: the same schedules without it
+        for n, cool in ((2, 2), (3, 3)) if full else ((2, 2),):
+            add(f"{tag} N={n} cooldown {cool} order 2 shallow off", f"{feats}+order2+cooldown-shallow", interval=n,
+                cooldown=cool, order=2, forecast="newton", shallow=False)
     if full:
         add(f"{tag} N=2 cooldown 2 order 2 taylor", f"{feats}+order2(taylor)+cooldown", interval=2, cooldown=2,
             order=2, forecast="taylor", **span)
         add(f"{tag} N=2 cooldown 2 order 1", f"{feats}+order1+cooldown", interval=2, cooldown=2, order=1, **span)
-        add(f"{tag} N=2 cooldown 2 order 2 + guidance residual k=2", "combined", interval=2, cooldown=2, order=2,
-            forecast="newton", guidance="residual", guidance_interval=2, **span)
+        for cool in (2, 0):  # towards 50 %: the cond-only CFG steps on top of the feature schedule
+            add(f"{tag} N=2 cooldown {cool} order 2 + guidance residual k=2", "combined", interval=2, cooldown=cool,
+                order=2, forecast="newton", guidance="residual", guidance_interval=2, **span)
         calibrated = cal_all if kind == "transformer" else cal
         for r in (0.45, 0.55):
             add(f"{tag} cal. {r} cooldown 2 order 2", f"{feats}+schedule+order2", calibration=calibrated, reuse=r,

@@ -24,6 +24,8 @@ PARTS = {
     "deep order 1": dict(interval=2, order=1),
     "deep order 2 newton, warmup, cooldown": dict(interval=2, order=2, warmup=2, cooldown=1),
     "deep order 2 taylor": dict(interval=2, order=2, forecast="taylor"),
+    "deep, shallow blocks off": dict(interval=2, shallow=False),
+    "deep + guidance residual (shallow blocks on CFG halves)": dict(interval=2, guidance="residual", guidance_interval=3),
     "guidance": dict(features=None, guidance="residual", guidance_interval=2),
     "tgate residual": dict(features=None, tgate={"gate_step": 3, "guidance": "residual"}),
     "all": dict(interval=3, guidance="residual", guidance_interval=2, tgate=4),

@@ -68,6 +68,7 @@ class CacheSettings:
     blocks: tuple[int, int] | None = None
     order: int = 2
     forecast: str = "newton"
+    shallow: bool | None = False
     warmup: int = 1
     cooldown: int = 0
     guidance: str | None = None
@@ -87,6 +88,7 @@ def enable_cache(
     blocks: tuple[int, int] | None = None,
     order: int = 2,
     forecast: str = "newton",
+    shallow: bool | None = None,
     warmup: int = 1,
     cooldown: int = 0,
     guidance: str | None = None,
@@ -116,6 +118,11 @@ def enable_cache(
         forecast: ``"newton"`` (default, fastdiff's: the polynomial through the kept points) or ``"taylor"``
             (TaylorSeer's finite-difference Taylor series); the same at ``order=1``; Newton measured closer to
             the uncached samples at order 2 on both embedded models.
+        shallow: ``"deep"`` only: at reuse steps also forecast the residual of the transformer blocks that the
+            shallow path still runs (fastdiff's; see :mod:`fastdiff.caching.features`). ``None`` (default): on when
+            features are forecast (``order > 0``) without ``tgate``, off at ``order=0`` so that ``order=0`` is
+            DeepCache's reuse exactly. On the embedded digits UNet it came closer to the uncached samples and
+            saved more time (``benchmarks/attention_caching.py``).
         warmup: full steps at the start of the run (at least step 0; TaylorSeer's ``disable_cache_before_step``);
             the uniform schedule computes steps ``warmup - 1 + k interval`` after them (DeepCache's ``0, N, 2N, ...``
             at ``warmup=1``).
@@ -148,9 +155,8 @@ def enable_cache(
     else:
         tgate_part = tgate_settings(tgate)
     install(pipe_or_model, features=kind, interval=interval, reuse=reuse, calibration=calibration, branch=branch,
-            blocks=blocks, order=order, forecast=forecast, warmup=warmup, cooldown=cooldown, guidance=guidance,
-            guidance_interval=guidance_interval,
-            guidance_reuse=guidance_reuse, tgate=tgate_part)
+            blocks=blocks, order=order, forecast=forecast, shallow=shallow, warmup=warmup, cooldown=cooldown,
+            guidance=guidance, guidance_interval=guidance_interval, guidance_reuse=guidance_reuse, tgate=tgate_part)
 
 
 def disable_cache(pipe_or_model: Any) -> None:
@@ -196,6 +202,15 @@ def check_settings(denoiser: torch.nn.Module, pipe: Any, **kw: Any) -> CacheSett
         raise ValueError(f"order must be 0 (reuse), 1 or {MAX_ORDER} (forecast from order + 1 full steps), got {s.order}")
     if s.cooldown and pipe is None:
         raise ValueError("cooldown needs the pipeline (its scheduler tells where the run ends), not a bare denoiser")
+    if s.shallow is not None and not isinstance(s.shallow, bool):
+        raise TypeError(f"shallow must be None, True or False, got {s.shallow!r}")
+    if s.shallow and s.features != "deep":
+        raise ValueError(f"shallow=True forecasts the shallow path of features='deep' (UNets); features={s.features!r}")
+    if s.shallow and s.tgate is not None:
+        raise ValueError("shallow=True cannot be combined with tgate: a served block would skip TGATE's gate step; "
+                         "pass shallow=None or False")
+    if s.shallow is None:
+        s = replace(s, shallow=s.features == "deep" and s.order > 0 and s.tgate is None)
     if s.features == "deep":
         s = replace(s, branch=check_branch(denoiser, s.branch))
     if s.features == "blocks":
@@ -235,7 +250,7 @@ def install(pipe_or_model: Any, planner_cls: type | None = None, **kw: Any) -> I
         hooks += attention_hooks(denoiser, run, settings.tgate)
     if settings.features is not None:
         hooks += feature_hooks(denoiser, run, settings.features, settings.branch, settings.blocks, settings.order,
-                               settings.forecast)
+                               settings.forecast, settings.shallow)
     uninstall(denoiser)
     planner = (planner_cls or CachePlanner)(settings)
     label = "TGATE" if settings.tgate is not None and settings.features is None and settings.guidance is None else "fastdiff cache"

@@ -39,6 +39,15 @@ linear combination ``sum_j w_j F_j`` of the kept values (:func:`forecast_weights
 the last served module, the one a computed module reads) is forecast; the other served modules feed served
 modules only and return their kept outputs as they are, so a reuse step spends no arithmetic on discarded
 values. Values that hold both CFG halves are forecast as one batch.
+
+**Shallow blocks** (``shallow``, fastdiff's option, on by default when features are forecast): DeepCache's reuse
+step still runs the shallow path, and there the full-resolution transformer blocks (self-attention over every
+pixel, cross-attention, GEGLU feed-forward) cost far more time than their MACs suggest (on the embedded digits
+UNet about 5 % of a full step's MACs but ~65 % of a reuse step's CPU time: memory-bound norms, softmax, GELU and
+layout copies). With ``shallow`` each transformer block of the computed path keeps its residual
+``R = h_out - h_in`` at full steps and at reuse steps returns ``h_in + R``, ``R`` forecast like the deep features
+(TaylorSeer forecasts every attention and feed-forward output in this way, Liu et al. 2025); its input ``h_in``
+is fresh, computed from the step's own ``conv_in`` skip, so only the block's correction is forecast.
 """
 
 from __future__ import annotations
@@ -108,6 +117,18 @@ def deep_modules(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
                     if attentions is not None and j < len(attentions):
                         skipped.append(attentions[j])
     return skipped
+
+
+def shallow_blocks(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
+    """The transformer blocks (``transformer_blocks`` of the down / up blocks' attention modules) that still run at
+    reuse steps for skip branch ``branch``: those of the shallow path, outside every module DeepCache serves."""
+    served = {id(m) for top in deep_modules(unet, branch) for m in top.modules()}
+    found: list[torch.nn.Module] = []
+    for block in [*unet.down_blocks, *unet.up_blocks]:
+        for attention in getattr(block, "attentions", None) or []:
+            if id(attention) not in served:
+                found += list(getattr(attention, "transformer_blocks", None) or [])
+    return found
 
 
 def check_branch(unet: torch.nn.Module, branch: Any) -> int:
@@ -252,7 +273,8 @@ class FeatureHook(ModelHook):
 
 
 class SpanHook(ModelHook):
-    """On a transformer block of the cached span ``[start, end)``: the first block keeps its input and, at
+    """On a transformer block of the cached span ``[start, end)`` (or one shallow UNet block, a span of one): the
+    first block keeps its input and, at
     reuse steps, returns ``input + R``; inner blocks then pass their input through; the last block keeps
     ``R = output - input of the first`` (forecasting ``R`` and adding the fresh input measured closer to the
     uncached samples than forecasting the span's output, as TaylorSeer does per module: FD 0.0048 vs 0.0062,
@@ -288,13 +310,18 @@ class SpanHook(ModelHook):
 
 
 def feature_hooks(denoiser: torch.nn.Module, run: Run, kind: str, branch: int, blocks: tuple[int, int],
-                  order: int, forecast: str = "taylor") -> list[tuple[Any, ModelHook, str]]:
+                  order: int, forecast: str = "taylor", shallow: bool = False) -> list[tuple[Any, ModelHook, str]]:
     if kind == "deep":
         # Only the last served module's output (DeepCache's F_cache = U_{m+1}(.), Eq. 3-4) reaches a module that
         # runs at reuse steps; the others feed served modules only and are served as kept, without a forecast.
         modules = deep_modules(denoiser, branch)
-        return [(m, FeatureHook(run, ("deep", i), order if i == len(modules) - 1 else 0, forecast), FEATURE_HOOK)
-                for i, m in enumerate(modules)]
+        hooks: list[tuple[Any, ModelHook, str]] = [
+            (m, FeatureHook(run, ("deep", i), order if i == len(modules) - 1 else 0, forecast), FEATURE_HOOK)
+            for i, m in enumerate(modules)]
+        if shallow:
+            hooks += [(b, SpanHook(run, ("shallow", i), True, True, order, forecast), FEATURE_HOOK)
+                      for i, b in enumerate(shallow_blocks(denoiser, branch))]
+        return hooks
     start, end = blocks
     return [(denoiser.transformer_blocks[i],
              SpanHook(run, ("span", start, end), i == start, i == end - 1, order, forecast), FEATURE_HOOK)
