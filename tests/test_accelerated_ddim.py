@@ -453,26 +453,29 @@ def test_karras_and_auto_timestep_schedules():
 
 
 # ------------------------------------------------------------------------------------------------ corrector, log-SNR grid
-def reference_pc(model, schedule, timesteps, x, space, corrector_order, predictor_order=2, noise_steps=0):
+def reference_pc(model, schedule, timesteps, x, space, corrector_order, predictor_order=2, noise_steps=0,
+                 lower_order_final=False, final_alphas_cumprod=False):
     """Independent reference of the predictor-corrector: ``d`` (eps or x0) a polynomial in log-SNR through the
     last ``predictor_order`` (predictor) / ``corrector_order`` (corrector) points by ``numpy.polyfit``, integrated in ``u = x / alpha``
     (noise) or ``x / sigma`` (data) against ``d rho`` / ``d (alpha / sigma)`` by composite Simpson on 4001 points;
     the grid ends at ``t = 0``. ``noise_steps``: the predictors of the first this many steps integrate eps (noise
-    space) from the corrected sample, the correctors stay in ``space``."""
+    space) from the corrected sample, the correctors stay in ``space``. ``lower_order_final``: the last predictor
+    holds ``d`` constant (one node); ``final_alphas_cumprod``: the last predictor fits ``d`` linearly in
+    ``alpha^2 = sigmoid(lambda)`` through the last two points instead."""
     t_all = list(timesteps) + [0.0]
     a = np.array([schedule.alpha(t).item() for t in t_all])
     s = np.array([schedule.sigma(t).item() for t in t_all])
     lam = 2 * np.log(a / s)
 
-    def integral(sp, nodes, i0, i1, ds):
+    def integral(sp, nodes, i0, i1, ds, var=lambda v: v):
         grid = np.linspace(lam[i0], lam[i1], 4001)
         dw = -0.5 * np.exp(-grid / 2) if sp == "noise" else 0.5 * np.exp(grid / 2)
         simpson = np.ones(4001)
         simpson[1:-1:2], simpson[2:-1:2] = 4, 2
         simpson *= (grid[1] - grid[0]) / 3
         vals = np.stack([d.numpy().ravel() for d in ds])  # [k, n]
-        coef = np.polyfit(np.array([lam[j] for j in nodes]), vals, len(nodes) - 1)  # [k, n], exact through nodes
-        poly = np.stack([np.polyval(coef[:, m], grid) for m in range(vals.shape[1])])
+        coef = np.polyfit(var(np.array([lam[j] for j in nodes])), vals, len(nodes) - 1)  # [k, n], exact at nodes
+        poly = np.stack([np.polyval(coef[:, m], var(grid)) for m in range(vals.shape[1])])
         return torch.from_numpy((poly * dw * simpson).sum(1).reshape(ds[0].shape))
 
     hist, prev = {"noise": [], "data": []}, None
@@ -486,9 +489,12 @@ def reference_pc(model, schedule, timesteps, x, space, corrector_order, predicto
             x = sc[i] * (prev / sc[i - 1] + integral(space, nodes, i - 1, i, [hist[space][j] for j in nodes]))
         sp = "noise" if i < noise_steps else space
         sc = a if sp == "noise" else s
-        nodes = list(range(i, max(i - predictor_order, -1), -1))
+        last = i == len(timesteps) - 1
+        k = 1 if lower_order_final and last else 2 if final_alphas_cumprod and last else predictor_order
+        nodes = list(range(i, max(i - k, -1), -1))
+        var = (lambda v: 1 / (1 + np.exp(-v))) if final_alphas_cumprod and last else (lambda v: v)
         prev = x
-        x = sc[i + 1] * (x / sc[i] + integral(sp, nodes, i, i + 1, [hist[sp][j] for j in nodes]))
+        x = sc[i + 1] * (x / sc[i] + integral(sp, nodes, i, i + 1, [hist[sp][j] for j in nodes], var))
     return x
 
 
@@ -528,6 +534,52 @@ def test_noise_space_steps_match_independent_reference(noise_steps, solver_order
         assert rms(plain, ours) < 1e-12
     else:  # the option changes the result (the test can fail)
         assert rms(plain, ours) > 1e-5
+
+
+@pytest.mark.parametrize("solver_order", [2, 3])
+def test_lower_order_final_regime_matches_independent_reference(solver_order):
+    """``lower_order_final`` as a step-regime setting (the default's 8-14-step regime): the last predictor is DDIM's,
+    the corrector before it unchanged; other step counts keep the config's value."""
+    model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, solver_space="data", interpolation="log_snr",
+                                                 solver_order=solver_order, corrector_order=3,
+                                                 timestep_schedule="log_snr",
+                                                 step_regimes=[[8, {"lower_order_final": True}]])
+    ours = sample_loop(sched, model, x, 8)
+    ts = sched.timesteps.tolist()
+    ref = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order, lower_order_final=True)
+    assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
+    full = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order)
+    assert rms(full, ref) > 1e-4  # the option changes the result (the test can fail)
+    assert sched.settings_for(8)["lower_order_final"] and not sched.settings_for(7)["lower_order_final"]
+    sched.set_timesteps(7)
+    assert sched.coefficients.weights[-1].abs().sum() > 0  # below the regime the last step stays second order
+    with pytest.raises(ValueError, match="lower_order_final"):
+        AcceleratedDDIMScheduler(step_regimes=[[8, {"lower_order_final": 1}]])
+
+
+@pytest.mark.parametrize("solver_order", [2, 3])
+def test_final_interpolation_matches_independent_reference(solver_order):
+    """``final_interpolation="alphas_cumprod"`` (the default's 8-14-step regime): the last predictor extrapolates x0
+    linearly in alpha^2 through the last two points; every other step and the correctors are unchanged."""
+    model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, solver_space="data", interpolation="log_snr",
+                                                 solver_order=solver_order, corrector_order=3,
+                                                 timestep_schedule="log_snr",
+                                                 step_regimes=[[8, {"final_interpolation": "alphas_cumprod"}]])
+    ours = sample_loop(sched, model, x, 9)
+    ts = sched.timesteps.tolist()
+    ref = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order, final_alphas_cumprod=True)
+    assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
+    full = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order)
+    assert rms(full, ref) > 1e-5  # the option changes the result (the test can fail)
+    assert sched.settings_for(9)["final_interpolation"] == "alphas_cumprod"
+    assert sched.settings_for(7)["final_interpolation"] is None
+    for bad in ("alpha", 1):
+        with pytest.raises(ValueError, match="final_interpolation"):
+            AcceleratedDDIMScheduler(final_interpolation=bad)
 
 
 def test_noise_space_steps_bad_arguments_and_regime():
