@@ -16,8 +16,9 @@ class accuracy (``fastdiff.metrics.evaluate_samples``). The front (fastdiff's an
 rounds that time every front setting and the uncached run once each, medians of wall and thread-CPU time).
 Peers: DeepCache (PyPI ``DeepCache``, UNet only; its ``DeepCacheSDHelper`` reads the timestep from the second
 positional argument, the digits pipeline passes it by keyword, so a 3-line subclass reads it from there),
-diffusers' PyramidAttentionBroadcast / FasterCache / FirstBlockCache / TaylorSeer hooks (through
-``fastdiff.studies.diffusers_cache``; TaylorSeer swept over interval, order 1 / 2 and warm-up / cool-down; a
+diffusers' PyramidAttentionBroadcast / FasterCache / FirstBlockCache / TaylorSeer / MagCache hooks (through
+``fastdiff.studies.diffusers_cache``; TaylorSeer swept over interval, order 1 / 2 and warm-up / cool-down;
+MagCache with the ratios of its own calibration mode on the calibration run, swept over its threshold; a
 run that raises is recorded with its error), and the ``tgate`` package (its loaders patch the StableDiffusion
 / SDXL / PixArt pipeline classes; the digits pipelines are neither, so fastdiff's TGATE, checked against it to
 2.5e-14, stands in; recorded). fastdiff's calibrated schedules are calibrated on other noise and labels than
@@ -60,7 +61,7 @@ from fastdiff.caching import disable_cache, disable_tgate, enable_cache, enable_
 from fastdiff.caching.engine import Action
 from fastdiff.caching.tgate import SelfAttnSchedule, tgate_actions
 from fastdiff.metrics import evaluate_samples
-from fastdiff.studies.caching import diffusers_cache
+from fastdiff.studies.caching import diffusers_cache, magcache_ratios
 from fastdiff.studies.measure import count_macs, flop_counter, interleaved_seconds
 from fastdiff.testing import SD_SCHEDULER_CONFIG, tiny_clip_tokenizer_and_encoder
 
@@ -360,11 +361,12 @@ def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool, cal_all: Any =
     return c
 
 
-def peer_configs(kind: str, steps: int, full: bool) -> list[Config]:
+def peer_configs(kind: str, steps: int, full: bool, mag_ratios: Callable[[], list[float]] | None = None) -> list[Config]:
     """Every peer that runs on the model: DeepCache (UNet) and diffusers' hooks (through
     :func:`fastdiff.studies.caching.diffusers_cache`), TaylorSeer swept over interval, order and warm-up /
-    cool-down (its ``disable_cache_before_step`` / ``disable_cache_after_step``)."""
-    from diffusers import TaylorSeerCacheConfig
+    cool-down (its ``disable_cache_before_step`` / ``disable_cache_after_step``), MagCache with the ratios of its
+    own calibration mode (``mag_ratios()``, on the calibration labels and noise) swept over its threshold."""
+    from diffusers import MagCacheConfig, TaylorSeerCacheConfig
 
     c: list[Config] = []
 
@@ -407,6 +409,10 @@ def peer_configs(kind: str, steps: int, full: bool) -> list[Config]:
             taylor_factors_dtype=torch.float32, cache_identifiers=[blocks]))
     if kind == "unet":
         diffusers_peer("diffusers TaylorSeer defaults", lambda ts: TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32))
+    if mag_ratios is not None:  # defaults: max_skip_steps 3, retention_ratio 0.2; threshold 0.06 is the default
+        for th in ((0.06, 0.12, 0.24) if full and kind == "transformer" else (0.06,)):
+            diffusers_peer(f"diffusers MagCache {th}", lambda ts, th=th: MagCacheConfig(
+                threshold=th, mag_ratios=mag_ratios(), num_inference_steps=steps))
     return c
 
 
@@ -445,7 +451,14 @@ class Bench:
             self.pipe, self.cal_labels, steps, DIGITS_GUIDANCE, blocks=(0, 6), **call)
         self.configs = [Config("uncached", "reference", "-"),
                         Config("uncached, noise seed 1", "reference", "chance spread", noise_seed=1)][: 2 if full else 1]
-        self.configs += fastdiff_configs(kind, self.cal, steps, full, cal_all) + peer_configs(kind, steps, full)
+        ratios: list[list[float]] = []  # MagCache's calibration, run once when a MagCache setting is first enabled
+
+        def mag_ratios() -> list[float]:
+            if not ratios:
+                ratios.append(magcache_ratios(self.pipe, lambda: self.pipe(self.cal_labels, steps, DIGITS_GUIDANCE,
+                                                                            **call), steps))
+            return ratios[0]
+        self.configs += fastdiff_configs(kind, self.cal, steps, full, cal_all) + peer_configs(kind, steps, full, mag_ratios)
 
     def sample(self, cfg: Config, n: int) -> torch.Tensor:
         return self.pipe(self.labels[:n], self.steps, cfg.guidance or DIGITS_GUIDANCE,

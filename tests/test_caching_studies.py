@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff.studies.caching import diffusers_cache
+from fastdiff.studies.caching import diffusers_cache, magcache_ratios
 from fastdiff.studies.measure import count_macs, flop_counter, interleaved_seconds
 from fastdiff.testing import tiny_pixart_pipeline
 
@@ -45,6 +45,27 @@ def test_diffusers_cache_takes_any_config_and_restores_the_pipeline():
     with pytest.raises(ValueError, match="name must be one of"):
         with diffusers_cache(pipe, "taylorseer"):
             pass
+
+
+@torch.no_grad()
+def test_magcache_calibrates_with_its_own_mode_then_skips_and_restores():
+    from diffusers import MagCacheConfig
+
+    from fastdiff.testing import tiny_sd_pipeline
+
+    pipe = tiny_pixart_pipeline()
+    kw = dict(num_inference_steps=8, output_type="latent", use_resolution_binning=False, clean_caption=False)
+    sample = lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images  # noqa: E731
+    ref = sample()
+    ratios = magcache_ratios(pipe, sample, 8)
+    assert len(ratios) == 8 and ratios[0] == 1.0 and all(0.5 < r < 2 for r in ratios)
+    assert torch.equal(sample(), ref)  # calibration skips nothing and is removed
+    with diffusers_cache(pipe, lambda _: MagCacheConfig(mag_ratios=ratios, num_inference_steps=8, threshold=0.5)):
+        first, second = sample(), sample()
+    assert (first - ref).abs().max() > 0 and torch.equal(first, second) and torch.equal(sample(), ref)
+    sd = tiny_sd_pipeline(sample_size=8)
+    with pytest.raises(ValueError, match="MagCache calibrated nothing on UNet2DConditionModel"):
+        magcache_ratios(sd, lambda: sd("a cat", num_inference_steps=2, output_type="latent"), 2)
 
 
 def test_count_macs_counts_cpu_attention():

@@ -12,9 +12,12 @@ The settings are those of diffusers' documentation examples, on a 0..1000 timest
 
 from __future__ import annotations
 
+import ast
+import io
 import math
+import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import torch
@@ -83,6 +86,7 @@ def _enable(model: torch.nn.Module, config: Any) -> None:
     from diffusers import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
+        MagCacheConfig,
         PyramidAttentionBroadcastConfig,
         TaylorSeerCacheConfig,
     )
@@ -90,6 +94,7 @@ def _enable(model: torch.nn.Module, config: Any) -> None:
         HookRegistry,
         apply_faster_cache,
         apply_first_block_cache,
+        apply_mag_cache,
         apply_pyramid_attention_broadcast,
         apply_taylorseer_cache,
     )
@@ -99,7 +104,8 @@ def _enable(model: torch.nn.Module, config: Any) -> None:
         model.enable_cache(config)
         return
     apply = {PyramidAttentionBroadcastConfig: apply_pyramid_attention_broadcast, FasterCacheConfig: apply_faster_cache,
-             FirstBlockCacheConfig: apply_first_block_cache, TaylorSeerCacheConfig: apply_taylorseer_cache}[type(config)]
+             FirstBlockCacheConfig: apply_first_block_cache, TaylorSeerCacheConfig: apply_taylorseer_cache,
+             MagCacheConfig: apply_mag_cache}[type(config)]
     model._cache_config = config  # what CacheMixin.disable_cache reads; set first: a failing apply is undone too
     apply(model, config)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
@@ -111,7 +117,7 @@ def diffusers_cache(pipe: Any, name: str | Callable[[Callable[[], float]], Any])
 
     ``name``: ``"pab"`` (PyramidAttentionBroadcast), ``"fastercache"`` or ``"firstblockcache"`` (the
     documentation's settings), or a callable that takes the current-timestep callback and returns any diffusers
-    cache config (these three or ``TaylorSeerCacheConfig``), for other settings. Yields the diffusers config.
+    cache config (these three, ``TaylorSeerCacheConfig`` or ``MagCacheConfig``), for other settings. Yields the diffusers config.
     FasterCache skips the unconditional half of a CFG batch, so use it with guidance on.
     """
     from diffusers.hooks import HookRegistry
@@ -137,3 +143,21 @@ def diffusers_cache(pipe: Any, name: str | Callable[[Callable[[], float]], Any])
         if getattr(model, "_cache_config", None) is not None:
             CacheMixin.disable_cache(model)
         timestep.remove()
+
+
+def magcache_ratios(pipe: Any, call: Callable[[], Any], num_inference_steps: int) -> list[float]:
+    """diffusers MagCache's own calibration (``MagCacheConfig(calibrate=True)``, which skips nothing and prints the
+    per-step residual magnitude ratios at the end of the run): runs ``call()`` once on ``pipe`` and returns those
+    ratios, for ``MagCacheConfig(mag_ratios=...)``. Raises a ``ValueError`` where MagCache hooks nothing (it hooks
+    top-level transformer-block lists only: not UNets)."""
+    from diffusers import MagCacheConfig
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        with diffusers_cache(pipe, lambda _: MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps)):
+            call()
+    found = re.search(r"mag_ratios=\.\.\.\):\s*(\[[^\]]*\])", printed.getvalue())
+    if found is None:
+        raise ValueError(f"MagCache calibrated nothing on {type(denoiser_of(pipe)).__name__}: diffusers' apply_mag_cache "
+                         "hooks top-level transformer_blocks lists only")
+    return [float(x) for x in ast.literal_eval(found.group(1))]
