@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -350,3 +351,15 @@ class _CharTokenizer:
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return ["" for _ in ids]
+
+
+def run_with_hooks(call: Callable[..., Any], handles: list[Any], step: dict[str, int] | None = None) -> Any:
+    """``call()`` with torch hook ``handles`` in place, removed afterwards (also on error). With ``step``, the call
+    gets ``callback_on_step_end`` that sets ``step["i"]`` to the index of the next denoiser step, so reference hooks
+    written against a pipeline know which step they are in."""
+    kwargs = {} if step is None else {"callback_on_step_end": lambda _p, i, _t, kw: step.update(i=i + 1) or kw}
+    try:
+        return call(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -16,7 +16,7 @@ from diffusers.callbacks import SDCFGCutoffCallback
 import fastdiff
 from fastdiff.caching.features import deep_modules
 from fastdiff.caching.schedule import Calibration, calibrated_schedule, uniform_schedule
-from fastdiff.testing import tiny_pixart_pipeline, tiny_sd_pipeline
+from fastdiff.testing import run_with_hooks, tiny_pixart_pipeline, tiny_sd_pipeline
 
 STEPS = 6
 PARTS = {
@@ -96,13 +96,7 @@ def test_deep_reuse_matches_serving_the_deep_modules_by_hand(sd):
             return kept[module]
         kept[module] = output
 
-    handles = [m.register_forward_hook(replace) for m in modules]
-    count = lambda _p, i, _t, kw: step.update(i=i + 1) or kw  # noqa: E731
-    try:
-        expected = run(sd, callback_on_step_end=count)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = run_with_hooks(lambda **kw: run(sd, **kw), [m.register_forward_hook(replace) for m in modules], step)
     fastdiff.enable_cache(sd, interval=2, order=0)
     assert torch.equal(run(sd), expected)
     names = {id(m): n for n, m in sd.unet.named_modules()}

@@ -8,7 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff.caching.features import deep_modules, num_branches, shallow_blocks
-from fastdiff.testing import tiny_pixart_pipeline, tiny_sd_pipeline
+from fastdiff.testing import run_with_hooks, tiny_pixart_pipeline, tiny_sd_pipeline
 
 STEPS = 6
 
@@ -56,22 +56,15 @@ def test_shallow_reuse_matches_serving_the_block_residual_by_hand(sd):
         kept["residual"] = output - h
 
     handles = [m.register_forward_hook(serve) for m in modules] + [block.register_forward_hook(residual, with_kwargs=True)]
-    count = lambda _p, i, _t, kw: step.update(i=i + 1) or kw  # noqa: E731
-    try:
-        expected = run(sd, callback_on_step_end=count)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = run_with_hooks(lambda **kw: run(sd, **kw), handles, step)
     fastdiff.enable_cache(sd, interval=2, order=0)
     deepcache = run(sd)
     fastdiff.enable_cache(sd, interval=2, order=0, shallow=True)
-    calls = []
-    handle = block.attn1.register_forward_pre_hook(lambda *_: calls.append(step["i"]))
-    step["i"] = 0
+    calls, step["i"] = [], 0
     try:
-        out = run(sd, callback_on_step_end=count)
+        out = run_with_hooks(lambda **kw: run(sd, **kw),
+                             [block.attn1.register_forward_pre_hook(lambda *_: calls.append(step["i"]))], step)
     finally:
-        handle.remove()
         fastdiff.disable_cache(sd)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert (out - deepcache).abs().max() > 1e-4  # serving the block changed the run

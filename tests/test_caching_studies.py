@@ -11,6 +11,12 @@ from fastdiff.studies.measure import count_macs, flop_counter, interleaved_secon
 from fastdiff.testing import tiny_pixart_pipeline
 
 
+def pixart_sampler(steps):
+    pipe = tiny_pixart_pipeline()
+    kw = dict(num_inference_steps=steps, output_type="latent", use_resolution_binning=False, clean_caption=False)
+    return pipe, lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+
+
 def test_interleaved_seconds_alternates_and_wraps_every_call():
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
@@ -29,9 +35,7 @@ def test_interleaved_seconds_alternates_and_wraps_every_call():
 def test_diffusers_cache_takes_any_config_and_restores_the_pipeline():
     from diffusers import TaylorSeerCacheConfig
 
-    pipe = tiny_pixart_pipeline()
-    kw = dict(num_inference_steps=6, output_type="latent", use_resolution_binning=False, clean_caption=False)
-    sample = lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images  # noqa: E731
+    pipe, sample = pixart_sampler(6)
     ref = sample()
     make = lambda ts: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2, max_order=2,  # noqa: E731
                                             taylor_factors_dtype=torch.float32,
@@ -53,9 +57,7 @@ def test_magcache_calibrates_with_its_own_mode_then_skips_and_restores():
 
     from fastdiff.testing import tiny_sd_pipeline
 
-    pipe = tiny_pixart_pipeline()
-    kw = dict(num_inference_steps=8, output_type="latent", use_resolution_binning=False, clean_caption=False)
-    sample = lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images  # noqa: E731
+    pipe, sample = pixart_sampler(8)
     ref = sample()
     ratios = magcache_ratios(pipe, sample, 8)
     assert len(ratios) == 8 and ratios[0] == 1.0 and all(0.5 < r < 2 for r in ratios)
