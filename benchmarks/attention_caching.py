@@ -351,9 +351,9 @@ def fastdiff_configs(kind: str, cal: Any, steps: int, full: bool, cal_all: Any =
         add(f"{tag} N=2 cooldown 2 order 2 taylor", f"{feats}+order2(taylor)+cooldown", interval=2, cooldown=2,
             order=2, forecast="taylor", **span)
         add(f"{tag} N=2 cooldown 2 order 1", f"{feats}+order1+cooldown", interval=2, cooldown=2, order=1, **span)
-        for cool in (2, 0):  # towards 50 %: the cond-only CFG steps on top of the feature schedule
-            add(f"{tag} N=2 cooldown {cool} order 2 + guidance residual k=2", "combined", interval=2, cooldown=cool,
-                order=2, forecast="newton", guidance="residual", guidance_interval=2, **span)
+        for cool, k in ((2, 2), (0, 2), (2, 3), (0, 3)):  # towards 50 %: cond-only CFG steps on top of the features
+            add(f"{tag} N=2 cooldown {cool} order 2 + guidance residual k={k}", "combined", interval=2, cooldown=cool,
+                order=2, forecast="newton", guidance="residual", guidance_interval=k, **span)
         calibrated = cal_all if kind == "transformer" else cal
         for r in (0.45, 0.55):
             add(f"{tag} cal. {r} cooldown 2 order 2", f"{feats}+schedule+order2", calibration=calibrated, reuse=r,
