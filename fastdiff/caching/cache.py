@@ -5,7 +5,8 @@ Parts (each optional, each a set of hooks on :mod:`fastdiff.caching.engine`'s sh
 - ``features``: reuse of expensive features across steps: ``"deep"`` on UNets (DeepCache's skip-branch
   reuse, :mod:`fastdiff.caching.features`), ``"blocks"`` on transformers (a block span's residual);
   at reuse steps the kept features are forecast from the last ``order + 1`` full steps (TaylorSeer's idea;
-  ``order=0`` serves them as kept, DeepCache's reuse);
+  ``order=0`` serves them as kept, DeepCache's reuse); on UNets ``shallow`` blocks too: the transformer blocks the
+  shallow path still runs at a reuse step serve their forecast residual (on by default when features are forecast);
 - ``guidance="residual"``: on steps that skip the unconditional branch, the denoiser runs the conditional
   half and rebuilds the unconditional output from ``uncond - cond`` kept at the last full step
   (FasterCache's CFG-Cache idea), so CFG costs one branch there;
