@@ -16,7 +16,9 @@ Measures: ``rms`` over all samples; ``rms_right`` over the samples the sampler s
 mixture component; ``rms_common`` over the samples that *every* sampler of the table sends to the right component.
 Baselines: every diffusers multistep scheduler with its spacing options (Karras sigmas) and final-sigma variants
 (``BASELINES``); NFE counts real model calls. fastdiff rows: ``OURS`` (``accel_ddim_noise_start`` is the
-default with the ``noise_space_steps=2`` option at 8-14 steps, ``NOISE_START_REGIMES``) and the DualFast pairs.
+default with the ``noise_space_steps=2`` option at 8-14 steps, ``NOISE_START_REGIMES``; ``accel_ddim_v5`` the
+previous default, i.e. without ``final_interpolation``; ``accel_ddim_order3_low`` the default with
+``LOW_STEP_ORDER3`` below 8 steps) and the DualFast pairs.
 
 **order**: measured order of convergence of the accelerated update (the default's update, i.e. its
 predictor-corrector, fastdiff v2's and the paper's) on fractional grids uniform in ``t`` from 999 to 100 (every
@@ -65,7 +67,8 @@ ORACLES: dict[str, dict[str, Any]] = {
         mixture=dict(dim=64, num_components=6, std_range=(0.03, 0.4), seed=303),
         config={**SD, "timestep_spacing": "leading", "prediction_type": "epsilon"}),
 }
-OURS = ["accel_ddim", "accel_ddim_v3", "accel_ddim_v2", "accel_ddim_paper", "accel_ddim_noise_start"]
+OURS = ["accel_ddim", "accel_ddim_v5", "accel_ddim_v3", "accel_ddim_v2", "accel_ddim_paper", "accel_ddim_noise_start",
+        "accel_ddim_order3_low"]
 DUALFAST_PAIRS = {"ddim": "ddim_dualfast", "dpmpp_2m": "dpmpp_2m_dualfast", "unipc": "unipc_dualfast",
                   "accel_ddim_v2": "accel_ddim_dualfast"}
 #: fastdiff's "interpolate" DualFast option (fastdiff.samplers.dualfast), rows ``<dualfast name>_interpolate``
@@ -122,6 +125,8 @@ def _baselines() -> dict[str, Callable[[dict[str, Any]], Any]]:
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     """Registry samplers, this benchmark's named variants, and the diffusers baselines."""
     from fastdiff.samplers.accelerated_ddim import (
+        FEW_STEP_REGIMES,
+        LOW_STEP_ORDER3,
         NOISE_START_REGIMES,
         AcceleratedDDIMScheduler,
         few_step_scheduler,
@@ -133,6 +138,12 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
         return AcceleratedDDIMScheduler.from_config(config, max_step_ratio=None)
     if name == "accel_ddim_noise_start":  # the default with the noise_space_steps=2 option at 8-14 steps
         return few_step_scheduler(config, step_regimes=NOISE_START_REGIMES)
+    if name == "accel_ddim_v5":  # the previous default: the default without final_interpolation
+        return few_step_scheduler(config, step_regimes=[[k, {key: v for key, v in settings.items()
+                                                             if key != "final_interpolation"}]
+                                                        for k, settings in FEW_STEP_REGIMES])
+    if name == "accel_ddim_order3_low":  # the default with LOW_STEP_ORDER3 below 8 steps (the dev mixtures' choice)
+        return few_step_scheduler(config, step_regimes=[[1, LOW_STEP_ORDER3], *FEW_STEP_REGIMES[1:]])
     if name == "accel_ddim_data":
         return AcceleratedDDIMScheduler.from_config(config, solver_space="data", interpolation="log_snr")
     if name.endswith("_prediction") and name[: -len("_prediction")] in available_samplers():

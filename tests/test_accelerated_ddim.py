@@ -582,6 +582,41 @@ def test_final_interpolation_matches_independent_reference(solver_order):
             AcceleratedDDIMScheduler(final_interpolation=bad)
 
 
+def test_evaluate_at_zero_on_a_clean_data_end():
+    """``evaluate_at_zero=False`` (the default's regime from 8 steps): on a clean-data end the log-SNR / Karras grid
+    stops one level above t = 0 (the first n of the n + 1 levels to t = 0); other ends and grids are unchanged."""
+    from fastdiff.samplers.accelerated_ddim import log_snr_timesteps
+
+    clean = {**SD_SCHEDULER_CONFIG, "set_alpha_to_one": True}
+    for schedule in ("log_snr", "karras"):
+        at_zero = AcceleratedDDIMScheduler.from_config(clean, timestep_schedule=schedule)
+        above = AcceleratedDDIMScheduler.from_config(clean, timestep_schedule=schedule,
+                                                     step_regimes=[[8, {"evaluate_at_zero": False}]])
+        for n, expect_zero in ((7, True), (10, False)):
+            at_zero.set_timesteps(n)
+            above.set_timesteps(n)
+            assert at_zero.timesteps[-1] == 0 and len(above.timesteps) == n
+            assert (above.timesteps[-1] == 0) == expect_zero, (schedule, n)
+        if schedule == "log_snr":
+            ref = log_snr_timesteps(above.noise_schedule, 10, include_last=False)  # n + 1 levels, t = 0 dropped
+            np.testing.assert_allclose(above.timesteps.numpy(), ref)
+            lam = above.noise_schedule.log_snr(torch.tensor([*ref, 0.0], dtype=torch.float64))
+            torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(10), rtol=2e-2, atol=0)
+    # an alphas_cumprod[0] end (set_alpha_to_one=False): t = 0 is never a timestep, the option changes nothing
+    a = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_schedule="log_snr")
+    b = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_schedule="log_snr", evaluate_at_zero=False)
+    a.set_timesteps(10)
+    b.set_timesteps(10)
+    assert torch.equal(a.timesteps, b.timesteps)
+    default = make_scheduler("accel_ddim", clean)
+    default.set_timesteps(10)
+    assert default.timesteps[-1] > 0
+    default.set_timesteps(5)  # below 8 steps: v2's trailing grid
+    assert default.timesteps.tolist() == [999, 799, 599, 399, 199]
+    with pytest.raises(ValueError, match="evaluate_at_zero"):
+        AcceleratedDDIMScheduler(evaluate_at_zero=0)
+
+
 def test_noise_space_steps_bad_arguments_and_regime():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="noise_space_steps"):
