@@ -25,7 +25,15 @@ Scoring (one rule, written down in the JSON's ``setup.scoring``):
 Budget: FD of every method falls to ~150 by step 200, rises to ~200 by step 400-1000, then falls (measured on
 the unconditional baseline, seed 0, with and without EMA at evaluation: 150 / 252 / 206 / 250 raw vs
 150 / 212 / 207 / 205 EMA at steps 200-800, so it is a phase of training, not EMA lag). A 400-step budget ends
-inside that bump and cannot score steps-to-target; the default is 2000 steps, evaluated every 200.
+inside that bump and cannot score steps-to-target. The budget of each testbed is its config's
+``train.max_steps`` (``--steps`` sets one for all), evaluated every 200 steps: conditional 2000, unconditional
+4000 (its baseline still falls at 2000, FD 135 / 124 / 118 at steps 1600-2000, and a speed-up to "the baseline's
+final FD" is only as long as the baseline is trained: REPA's 17.5x is SiT-XL/2 at 7M steps vs REPA at 400K).
+
+Longer budgets reuse shorter runs: a run finished with the same overrides but a smaller ``--max_steps`` is
+continued from its last checkpoint (:func:`extendable`; the testbeds' learning rate is constant after warmup, and
+the batch and noise of each step are functions of the seed and the step, so the continued run is the longer run)
+and its summary is merged (:func:`merge_summaries`, ``extended_from``).
 
 Each run is a worker subprocess (``--worker``), so runs go in parallel (``--jobs``) and each has its own
 peak-RSS figure; a short side-by-side throughput measurement follows.
@@ -66,10 +74,68 @@ SPEED_METHODS = {**METHODS,  # + the teacher run every step instead of memoised 
 TARGETS = {"unconditional": {"repa": 0.5, "haste": 0.5}, "conditional": {"repa": 0.8, "haste": 0.8, "min_snr": 0.7}}
 
 
-def shared_overrides(args: argparse.Namespace) -> list[str]:
-    return ["--max_steps", str(args.steps), f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
+def testbed_steps(args: argparse.Namespace, testbed: str) -> int:
+    """The training budget of ``testbed``: ``--steps``, else its config's ``train.max_steps``."""
+    from fastdiff.training.config import load_config
+
+    return args.steps if args.steps is not None else load_config(TESTBEDS[testbed], args.override).train.max_steps
+
+
+def shared_overrides(args: argparse.Namespace, steps: int) -> list[str]:
+    return ["--max_steps", str(steps), f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
             f"eval.inference_steps={args.inference_steps}", "checkpoint.every=0", "checkpoint.resume=null",
             "log.progress_bar=false", *args.override]
+
+
+def _without_budget(overrides: list[str]) -> tuple[list[str], int | None]:
+    """``overrides`` less ``--max_steps N``, and ``N``."""
+    if "--max_steps" not in overrides:
+        return list(overrides), None
+    i = overrides.index("--max_steps")
+    return overrides[:i] + overrides[i + 2:], int(overrides[i + 1])
+
+
+def extendable(testbed: str, out: Path, overrides: list[str]) -> int | None:
+    """The budget of a finished run in ``out`` that a run with ``overrides`` continues instead of retraining:
+    the same overrides but a smaller ``--max_steps``, a checkpoint at its last step, and a constant learning
+    rate after warmup (then steps ``0..N`` of a longer run are that run: the batch and the noise of step ``s``
+    are functions of ``(seed, s)``, and the optimizer, EMA, RNG and HASTE-termination state are restored from
+    the checkpoint). ``None``: nothing to continue."""
+    from fastdiff.training.checkpoint import latest_checkpoint
+    from fastdiff.training.config import load_config
+
+    if not ((out / "summary.json").is_file() and (out / "overrides.json").is_file()):
+        return None
+    (old, old_steps), (new, new_steps) = _without_budget(json.loads((out / "overrides.json").read_text())), \
+        _without_budget(overrides)
+    if old != new or old_steps is None or new_steps is None or old_steps >= new_steps:
+        return None
+    if load_config(TESTBEDS[testbed], overrides).train.lr_schedule != "constant":  # a cosine decays over the budget
+        return None
+    if out.is_symlink():  # a linked run (a work dir reusing another one's runs): not written through
+        raise ValueError(f"{out} links to {out.resolve()}: continuing it to {new_steps} steps would rewrite that run; "
+                         f"copy it into the work dir first (cp -rL)")
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is None or json.loads((out / "summary.json").read_text()).get("final_step") != old_steps:
+        return None
+    return old_steps
+
+
+def merge_summaries(first: dict, then: dict) -> dict:
+    """One summary of a run continued from a checkpoint: ``first``'s evaluations and losses, then ``then``'s (a
+    step evaluated twice keeps the later record); times and teacher calls add up; throughput and peak memory are
+    the continuation's; ``extended_from`` lists the budgets it was continued from."""
+    evals = {e["step"]: e for e in first.get("evals", [])} | {e["step"]: e for e in then.get("evals", [])}
+    out = {**first, **then, "evals": [evals[s] for s in sorted(evals)],
+           "losses": {**{str(k): v for k, v in first.get("losses", {}).items()},  # as in summary.json
+                      **{str(k): v for k, v in then.get("losses", {}).items()}},
+           "extended_from": [*first.get("extended_from", []), first.get("final_step")]}
+    for key in ("wall_seconds", "train_seconds", "teacher_calls", "teacher_images"):
+        if first.get(key) is not None and then.get(key) is not None:
+            out[key] = first[key] + then[key]
+    if then.get("terminated_at") is None:
+        out["terminated_at"] = first.get("terminated_at")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -91,7 +157,10 @@ def run_worker(testbed: str, method: str, seed: int, out: Path, overrides: list[
     if (out / "summary.json").is_file() and (out / "overrides.json").is_file() and \
             json.loads((out / "overrides.json").read_text()) == overrides:  # finished earlier: keep it
         return json.loads((out / "summary.json").read_text())
-    cmd = [sys.executable, __file__, "--worker", testbed, method, str(seed), str(out), "--", *overrides]
+    shorter = extendable(testbed, out, overrides)
+    earlier = json.loads((out / "summary.json").read_text()) if shorter is not None else None
+    resume = ["checkpoint.resume=auto"] if shorter is not None else []  # the checkpoint of the same config
+    cmd = [sys.executable, __file__, "--worker", testbed, method, str(seed), str(out), "--", *overrides, *resume]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -101,9 +170,13 @@ def run_worker(testbed: str, method: str, seed: int, out: Path, overrides: list[
         raise RuntimeError(f"{testbed} {method} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - t0
+    if earlier is not None:
+        summary = merge_summaries(earlier, summary)
     (out / "summary.json").write_text(json.dumps(summary, default=str))
     (out / "overrides.json").write_text(json.dumps(overrides))
     final = f"final FD {summary['evals'][-1]['fd']:.2f}, " if summary["evals"] else ""
+    if shorter is not None:
+        final = f"continued from step {shorter}, {final}"
     print(f"  {testbed:13s} {method:9s} seed {seed}: {final}{summary['throughput_img_per_s']:.0f} img/s, "
           f"terminated at {summary.get('terminated_at')}, {summary['wall_seconds']:.0f} s", flush=True)
     return summary
@@ -286,7 +359,8 @@ def methods_of(args: argparse.Namespace, testbed: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training budget of every testbed (default: each testbed config's train.max_steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--num-samples", type=int, default=1000)
@@ -299,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--skip", nargs="*", default=["unconditional:min_snr"], metavar="TESTBED:METHOD",
                    help="runs left out (default: Min-SNR unconditional; its target is on the conditional testbed)")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/training_speed_v3"))
+    p.add_argument("--work-dir", type=Path, default=Path("runs/trainspeed-v5"))
     p.add_argument("--out", type=Path, default=RESULTS / "training_speed")
     p.add_argument("--reanalyse", action="store_true", help="only re-analyse the runs stored in --work-dir")
     p.add_argument("--total-minutes", type=float, default=None,
@@ -309,19 +383,21 @@ def main(argv: list[str] | None = None) -> None:
     if "baseline" not in args.methods:
         raise SystemExit("--methods must include baseline (every ratio is against it)")
 
-    overrides = shared_overrides(args)
+    overrides = {bed: shared_overrides(args, testbed_steps(args, bed)) for bed in args.testbeds}
     t0 = time.perf_counter()
     if not args.reanalyse:
         jobs = [(b, m, s) for b in args.testbeds for s in args.seeds for m in methods_of(args, b)]
-        print(f"{len(jobs)} runs of {args.steps} steps ({args.jobs} in parallel)", flush=True)
+        budgets = ", ".join(f"{b} {_without_budget(o)[1]}" for b, o in overrides.items())
+        print(f"{len(jobs)} runs, steps: {budgets} ({args.jobs} in parallel)", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_worker, b, m, s, args.work_dir / b / f"{m}_seed{s}", overrides)
+            futures = [pool.submit(run_worker, b, m, s, args.work_dir / b / f"{m}_seed{s}", overrides[b])
                        for b, m, s in jobs]
             for future in futures:
                 future.result()
         if args.speed_repeats:
             print("measuring throughput and memory side by side", flush=True)
-            measure_speed(overrides, args.speed_steps, args.work_dir, args.speed_repeats)
+            measure_speed(shared_overrides(args, args.speed_steps), args.speed_steps, args.work_dir,
+                          args.speed_repeats)
     minutes = (time.perf_counter() - t0) / 60
     previous = args.out.with_suffix(".json")
     if args.reanalyse and args.total_minutes is not None:
@@ -331,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     report(args, overrides, minutes)
 
 
-def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> dict:
+def report(args: argparse.Namespace, overrides: dict[str, list[str]], minutes: float) -> dict:
     """Analyse the runs stored under ``--work-dir`` and write the JSON and PNG."""
     from fastdiff.training.config import load_config
 
@@ -351,8 +427,9 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
         if not section["targets_met_reliable"]:
             section["targets_met_if_read_literally"] = section["targets_met"]
             section["targets_met"] = targets_met(bed, section["table"], reliable=False)
-        cfg = load_config(TESTBEDS[bed], overrides)
+        cfg = load_config(TESTBEDS[bed], overrides[bed])
         section["config"] = str(TESTBEDS[bed].relative_to(ROOT))
+        section["steps"] = _without_budget(overrides[bed])[1]
         section["conditioning"] = cfg.model.conditioning
         testbeds[bed] = section
         runs_out[bed] = {m: {str(s): {"evals": r["evals"], "throughput_img_per_s": r["throughput_img_per_s"],
@@ -360,7 +437,8 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                                       "teacher_images": r.get("teacher_images"), "wall_seconds": r.get("wall_seconds")}
                              for s, r in per.items()} for m, per in runs.items()}
     headline = next(iter(testbeds))
-    cfg = load_config(TESTBEDS[headline], overrides)
+    cfg = load_config(TESTBEDS[headline], overrides[headline])
+    budgets = {bed: _without_budget(overrides[bed])[1] for bed in testbeds}
     from fastdiff.training.teachers import SHIPPED_TEACHERS
 
     teacher = json.loads((Path(SHIPPED_TEACHERS.get(cfg.align.teacher, cfg.align.teacher)) / "config.json").read_text())
@@ -370,7 +448,8 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                   "accuracy_mean?}; testbeds.<testbed>.table.<method> = ratios and FDs; testbeds.<testbed>."
                   "targets_met; runs.<testbed>.<method>.<seed>.evals = raw evaluations; top-level curves/table = "
                   f"the {headline!r} testbed's (headline); speed = throughput and peak RSS side by side",
-        "setup": {"steps": args.steps, "seeds": args.seeds,
+        "setup": {"steps": budgets[headline] if len(set(budgets.values())) == 1 else budgets, "seeds": args.seeds,
+                  "steps_per_testbed": budgets,
                   "seeds_scored": {b: s["seeds"] for b, s in testbeds.items()},  # complete seeds only
                   "methods": {b: methods_of(args, b) for b in args.testbeds},
                   "skipped": args.skip,
@@ -399,7 +478,7 @@ def report(args: argparse.Namespace, overrides: list[str], minutes: float) -> di
                   "speed": f"{args.speed_steps}-step conditional runs in fresh processes without evaluation, "
                            f"methods interleaved, median of {args.speed_repeats}; alignment on for the whole run; "
                            "peak RSS is the whole process (imports included)",
-                  "overrides": overrides},
+                  "overrides": overrides[headline], "overrides_per_testbed": overrides},
         "testbeds": testbeds, "curves": testbeds[headline]["curves"], "table": testbeds[headline]["table"],
         "targets_met": {bed: s["targets_met"] for bed, s in testbeds.items()},
         "speed": speed_table(args.work_dir), "runs": runs_out, "total_minutes": minutes,
