@@ -120,6 +120,11 @@ def test_training_curves_from_every_shape(tmp_path) -> None:
     scored = {"setup": {"seeds": [0, 1, 2], "seeds_scored": {"a": [0, 1]}}, "testbeds": {"a": bench, "c": bench}}
     per = training_results(scored)
     assert per["a"]["setup"]["seeds"] == [0, 1] and per["c"]["setup"]["seeds"] == [0, 1, 2]
+    # ... and a testbed with its own budget its own steps (setup.steps_per_testbed)
+    budgets = {"setup": {"steps": {"a": 40, "c": 20}, "steps_per_testbed": {"a": 40, "c": 20}},
+               "testbeds": {"a": bench, "c": bench}}
+    per = training_results(budgets)
+    assert per["a"]["setup"]["steps"] == 40 and per["c"]["setup"]["steps"] == 20
 
 
 def test_describe_training_is_computed_from_the_data() -> None:

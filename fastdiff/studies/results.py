@@ -181,12 +181,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 def _scored_setup(shared: Mapping[str, Any], testbed: Any) -> dict[str, Any]:
     """``{"setup": ...}`` with ``seeds`` replaced by the seeds this testbed was scored on (``setup.seeds_scored``,
-    written when a testbed ran on fewer seeds than the file's ``setup.seeds``), else nothing."""
+    written when a testbed ran on fewer seeds than the file's ``setup.seeds``) and ``steps`` by its own budget
+    (``setup.steps_per_testbed``, written when the testbeds' budgets differ), else nothing."""
     setup = shared.get("setup")
-    scored = setup.get("seeds_scored") if isinstance(setup, Mapping) else None
+    if not isinstance(setup, Mapping):
+        return {}
+    own = dict(setup)
+    scored, budgets = setup.get("seeds_scored"), setup.get("steps_per_testbed")
     if isinstance(scored, Mapping) and isinstance(scored.get(testbed), list):
-        return {"setup": {**setup, "seeds": list(scored[testbed])}}
-    return {}
+        own["seeds"] = list(scored[testbed])
+    if isinstance(budgets, Mapping) and budgets.get(testbed) is not None:
+        own["steps"] = budgets[testbed]
+    return {"setup": own} if own != setup else {}
 
 
 def training_results(data: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
