@@ -42,6 +42,7 @@ _EXPORTS = {
     "PicardConsistencyModel": "fastdiff.samplers.pcm",
     "ModelSwitch": "fastdiff.samplers.pcm",
     "load_embedded_pcm": "fastdiff.samplers.pcm",
+    "ResidualPCM": "fastdiff.samplers.pcm.residual",
     "step_map_for": "fastdiff.samplers.steps",
     "diffusion_loss": "fastdiff.training.weighting",
     "set_attention_backend": "fastdiff.kernels.dispatch",
