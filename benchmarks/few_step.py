@@ -17,7 +17,7 @@ mixture component; ``rms_common`` over the samples that *every* sampler of the t
 Baselines: every diffusers multistep scheduler with its spacing options (Karras sigmas) and final-sigma variants
 (``BASELINES``); NFE counts real model calls. fastdiff rows: ``OURS`` (``accel_ddim_noise_start`` is the
 default with the ``noise_space_steps=2`` option at 8-14 steps, ``NOISE_START_REGIMES``; ``accel_ddim_v5`` the
-previous default, i.e. without ``final_interpolation``; ``accel_ddim_order3_low`` the default with
+previous default, i.e. without ``final_interpolation`` and ``evaluate_at_zero``; ``accel_ddim_order3_low`` the default with
 ``LOW_STEP_ORDER3`` below 8 steps) and the DualFast pairs.
 
 **order**: measured order of convergence of the accelerated update (the default's update, i.e. its
@@ -138,9 +138,9 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
         return AcceleratedDDIMScheduler.from_config(config, max_step_ratio=None)
     if name == "accel_ddim_noise_start":  # the default with the noise_space_steps=2 option at 8-14 steps
         return few_step_scheduler(config, step_regimes=NOISE_START_REGIMES)
-    if name == "accel_ddim_v5":  # the previous default: the default without final_interpolation
+    if name == "accel_ddim_v5":  # the previous default: the default without final_interpolation / evaluate_at_zero
         return few_step_scheduler(config, step_regimes=[[k, {key: v for key, v in settings.items()
-                                                             if key != "final_interpolation"}]
+                                                             if key not in ("final_interpolation", "evaluate_at_zero")}]
                                                         for k, settings in FEW_STEP_REGIMES])
     if name == "accel_ddim_order3_low":  # the default with LOW_STEP_ORDER3 below 8 steps (the dev mixtures' choice)
         return few_step_scheduler(config, step_regimes=[[1, LOW_STEP_ORDER3], *FEW_STEP_REGIMES[1:]])
