@@ -536,21 +536,27 @@ def test_noise_space_steps_match_independent_reference(noise_steps, solver_order
         assert rms(plain, ours) > 1e-5
 
 
-@pytest.mark.parametrize("solver_order", [2, 3])
-def test_lower_order_final_regime_matches_independent_reference(solver_order):
-    """``lower_order_final`` as a step-regime setting (the default's 8-14-step regime): the last predictor is DDIM's,
-    the corrector before it unchanged; other step counts keep the config's value."""
+def _regime_against_reference(solver_order, regime, steps, **reference_kw):
+    """The data-space log-SNR predictor-corrector with ``regime`` from 8 steps, sampled for ``steps`` on a small
+    mixture, with the independent reference with ``reference_kw`` and without them: ``(sched, ours, ref, full)``."""
     model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, solver_space="data", interpolation="log_snr",
                                                  solver_order=solver_order, corrector_order=3,
-                                                 timestep_schedule="log_snr",
-                                                 step_regimes=[[8, {"lower_order_final": True}]])
-    ours = sample_loop(sched, model, x, 8)
+                                                 timestep_schedule="log_snr", step_regimes=[[8, regime]])
+    ours = sample_loop(sched, model, x, steps)
     ts = sched.timesteps.tolist()
-    ref = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order, lower_order_final=True)
+    ref = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order, **reference_kw)
+    return sched, ours, ref, reference_pc(model, model.schedule, ts, x, "data", 3, solver_order)
+
+
+@pytest.mark.parametrize("solver_order", [2, 3])
+def test_lower_order_final_regime_matches_independent_reference(solver_order):
+    """``lower_order_final`` as a step-regime setting (the default's 8-14-step regime): the last predictor is DDIM's,
+    the corrector before it unchanged; other step counts keep the config's value."""
+    sched, ours, ref, full = _regime_against_reference(solver_order, {"lower_order_final": True}, 8,
+                                                       lower_order_final=True)
     assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
-    full = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order)
     assert rms(full, ref) > 1e-4  # the option changes the result (the test can fail)
     assert sched.settings_for(8)["lower_order_final"] and not sched.settings_for(7)["lower_order_final"]
     sched.set_timesteps(7)
@@ -563,17 +569,9 @@ def test_lower_order_final_regime_matches_independent_reference(solver_order):
 def test_final_interpolation_matches_independent_reference(solver_order):
     """``final_interpolation="alphas_cumprod"`` (the default's 8-14-step regime): the last predictor extrapolates x0
     linearly in alpha^2 through the last two points; every other step and the correctors are unchanged."""
-    model = make_gaussian_mixture(dim=6, num_components=3, std_range=(0.2, 0.5), seed=5)
-    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    sched = AcceleratedDDIMScheduler.from_config(SD_SCHEDULER_CONFIG, solver_space="data", interpolation="log_snr",
-                                                 solver_order=solver_order, corrector_order=3,
-                                                 timestep_schedule="log_snr",
-                                                 step_regimes=[[8, {"final_interpolation": "alphas_cumprod"}]])
-    ours = sample_loop(sched, model, x, 9)
-    ts = sched.timesteps.tolist()
-    ref = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order, final_alphas_cumprod=True)
+    sched, ours, ref, full = _regime_against_reference(solver_order, {"final_interpolation": "alphas_cumprod"}, 9,
+                                                       final_alphas_cumprod=True)
     assert rms(ours, ref) < 1e-7 * rms(ref, 0 * ref), rms(ours, ref)
-    full = reference_pc(model, model.schedule, ts, x, "data", 3, solver_order)
     assert rms(full, ref) > 1e-5  # the option changes the result (the test can fail)
     assert sched.settings_for(9)["final_interpolation"] == "alphas_cumprod"
     assert sched.settings_for(7)["final_interpolation"] is None
