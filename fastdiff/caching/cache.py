@@ -69,7 +69,7 @@ class CacheSettings:
     blocks: tuple[int, int] | None = None
     order: int = 2
     forecast: str = "newton"
-    shallow: bool | None = False
+    shallow: bool | None = False  # enable_cache passes None ("auto"); calibrations measure the deep features only
     warmup: int = 1
     cooldown: int = 0
     guidance: str | None = None

@@ -274,11 +274,11 @@ class FeatureHook(ModelHook):
 
 class SpanHook(ModelHook):
     """On a transformer block of the cached span ``[start, end)`` (or one shallow UNet block, a span of one): the
-    first block keeps its input and, at
-    reuse steps, returns ``input + R``; inner blocks then pass their input through; the last block keeps
-    ``R = output - input of the first`` (forecasting ``R`` and adding the fresh input measured closer to the
-    uncached samples than forecasting the span's output, as TaylorSeer does per module: FD 0.0048 vs 0.0062,
-    rms 0.0012 vs 0.0014, order-2 Newton, 9 of 20 steps, embedded digits transformer, 64 images)."""
+    first block keeps its input and, at reuse steps, returns ``input + R``; inner blocks then pass their input
+    through; the last block keeps ``R = output - input of the first`` (forecasting ``R`` and adding the fresh
+    input measured closer to the uncached samples than forecasting the span's output, as TaylorSeer does per
+    module: FD 0.0048 vs 0.0062, rms 0.0012 vs 0.0014, order-2 Newton, 9 of 20 steps, embedded digits
+    transformer, 64 images)."""
 
     def __init__(self, run: Run, key: Any, first: bool, last: bool, order: int, forecast: str = "taylor") -> None:
         super().__init__()
