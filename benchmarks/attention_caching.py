@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -451,13 +452,10 @@ class Bench:
             self.pipe, self.cal_labels, steps, DIGITS_GUIDANCE, blocks=(0, 6), **call)
         self.configs = [Config("uncached", "reference", "-"),
                         Config("uncached, noise seed 1", "reference", "chance spread", noise_seed=1)][: 2 if full else 1]
-        ratios: list[list[float]] = []  # MagCache's calibration, run once when a MagCache setting is first enabled
-
+        @functools.cache  # MagCache's calibration, run once when a MagCache setting is first enabled
         def mag_ratios() -> list[float]:
-            if not ratios:
-                ratios.append(magcache_ratios(self.pipe, lambda: self.pipe(self.cal_labels, steps, DIGITS_GUIDANCE,
-                                                                            **call), steps))
-            return ratios[0]
+            return magcache_ratios(self.pipe, lambda: self.pipe(self.cal_labels, steps, DIGITS_GUIDANCE, **call), steps)
+
         self.configs += fastdiff_configs(kind, self.cal, steps, full, cal_all) + peer_configs(kind, steps, full, mag_ratios)
 
     def sample(self, cfg: Config, n: int) -> torch.Tensor:
@@ -645,13 +643,21 @@ def targets(section: dict) -> dict:
     return out
 
 
+def macs_saved_by_name(section: dict) -> dict[str, float]:
+    """MACs saved per setting: the sweep's, replaced by the wall timing's recount where there is one (the same
+    counter as the timed runs)."""
+    macs = {r["name"]: r["macs_saved"] for r in section["runs"] if "macs_saved" in r}
+    wall = section.get("wall") or {"runs": {}}
+    macs.update({name: t["macs_saved"] for name, t in wall["runs"].items() if "macs_saved" in t})
+    return macs
+
+
 def timing_targets(section: dict) -> dict | None:
     """Wall / CPU savings of the interleaved front timing against the MACs saved (target: within 5 points)."""
     wall = section.get("wall")
     if not wall:
         return None
-    macs = {r["name"]: r["macs_saved"] for r in section["runs"] if "macs_saved" in r}
-    macs.update({name: t["macs_saved"] for name, t in wall["runs"].items() if "macs_saved" in t})  # same counter
+    macs = macs_saved_by_name(section)
     gaps = {name: {"macs_saved": macs[name], "wall_saved": t["wall_saved"], "cpu_saved": t["cpu_saved"],
                    "gap_wall": round(macs[name] - t["wall_saved"], 4), "gap_cpu": round(macs[name] - t["cpu_saved"], 4)}
             for name, t in wall["runs"].items() if name in macs and name != "uncached"}
@@ -678,8 +684,7 @@ def markdown(result: dict) -> str:
                          f"{r['accuracy']:.3f} |")
         wall = section.get("wall")
         if wall:
-            macs = {r["name"]: r["macs_saved"] for r in section["runs"] if "macs_saved" in r}
-            macs.update({name: t["macs_saved"] for name, t in wall["runs"].items() if "macs_saved" in t})
+            macs = macs_saved_by_name(section)
             lines += ["", f"Front settings timed A/B-interleaved ({wall['num_images']} images, {wall['repeats']} rounds, "
                       f"median, {wall['threads']} thread, load average {wall['load_average']}, {wall['date']}):", "",
                       "| setting | MACs saved | wall saved | wall saved, rounds | thread-CPU saved | wall s | CPU s |",
