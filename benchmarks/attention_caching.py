@@ -583,7 +583,8 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
             "not_retimed": [n for n in names if n not in known],  # recorded rows of settings no longer swept
             "num_images": num_images, "repeats": repeats, "threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
-            "method": "A/B-interleaved rounds (every setting once per round, after one untimed round), median; "
+            "method": "A/B-interleaved rounds (every setting once per round, each round starting one setting later "
+                      "than the last, after one untimed round), median; "
                       "wall: time.perf_counter, cpu: time.thread_time of the sampling thread; wall_saved_range: "
                       "the slowest and fastest round against the uncached median; wall_saved_per_round: each round "
                       "against that round's uncached run; macs_saved: recounted here (1 image + CFG, "

@@ -17,14 +17,21 @@ def pixart_sampler(steps):
     return pipe, lambda: pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
 
 
-def test_interleaved_seconds_alternates_and_wraps_every_call():
+def test_interleaved_seconds_alternates_rotates_and_wraps_every_call():
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     out = interleaved_seconds(fns, repeats=3, warmup=1, setup=lambda n: calls.append(f"+{n}"),
                               teardown=lambda n: calls.append(f"-{n}"))
-    assert calls == ["+a", "a", "-a", "+b", "b", "-b"] * 4  # one warm-up round, then three timed rounds
+    wrapped = lambda order: [x for n in order for x in (f"+{n}", n, f"-{n}")]  # noqa: E731
+    # one warm-up round, then three timed rounds, each starting one function later
+    assert calls == wrapped("abc") + wrapped("bca") + wrapped("cab") + wrapped("abc")
     for t in out.values():
         assert len(t["wall"]) == len(t["cpu"]) == 3 and t["wall_median"] >= 0 and t["cpu_median"] >= 0
+    calls.clear()
+    interleaved_seconds(fns, repeats=2, warmup=0, rotate=False)
+    assert calls == list("abc") * 2
+    with pytest.raises(TypeError, match="rotate must be True or False"):
+        interleaved_seconds(fns, rotate=1)
     with pytest.raises(TypeError, match="fns"):
         interleaved_seconds({})
     with pytest.raises(ValueError, match="repeats"):

@@ -48,6 +48,11 @@ layout copies). With ``shallow`` each transformer block of the computed path kee
 ``R = h_out - h_in`` at full steps and at reuse steps returns ``h_in + R``, ``R`` forecast like the deep features
 (TaylorSeer forecasts every attention and feed-forward output in this way, Liu et al. 2025); its input ``h_in``
 is fresh, computed from the step's own ``conv_in`` skip, so only the block's correction is forecast.
+Serving the whole attention module instead (its GroupNorm, ``proj_in`` and ``proj_out`` too, ``R`` taken around
+the module) was measured and not adopted: on the digits UNet (32 images, the sweep of
+``benchmarks/attention_caching.py``, 2026-12-01) it saved 0.1 point more MACs and, A/B-interleaved over 7 rounds,
+1.4 points more CPU time at N=2 cooldown 2, but FD to uncached rose from 0.026 to 0.050 there and from 3.44 to
+4.53 at N=2 + guidance residual k=3 (rms 0.0020 -> 0.0022, 0.026 -> 0.028).
 """
 
 from __future__ import annotations

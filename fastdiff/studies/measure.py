@@ -154,9 +154,13 @@ def denoiser_batch_seconds(
 
 def interleaved_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
                         setup: Callable[[str], Any] | None = None,
-                        teardown: Callable[[str], Any] | None = None) -> dict[str, dict[str, float | list[float]]]:
+                        teardown: Callable[[str], Any] | None = None,
+                        rotate: bool = True) -> dict[str, dict[str, float | list[float]]]:
     """Wall and CPU seconds of each ``fns[name]()``, measured A/B-interleaved: every round times every function
-    once, in order, so a slow spell of a shared machine hits them alike.
+    once, so a slow spell of a shared machine hits them alike. With ``rotate`` (default) round ``r`` starts at the
+    ``r``-th function (modulo their number) and goes round, so no function always runs first or right after a
+    given other one (a positional effect, such as the first call of a round meeting colder caches, then averages
+    out instead of favouring one function); ``rotate=False`` keeps the mapping's order in every round.
 
     ``setup(name)`` / ``teardown(name)`` run untimed around each call (e.g. enabling a cache). ``warmup`` untimed
     rounds come first. Returns, per name, the lists ``wall`` (``time.perf_counter``) and ``cpu`` (this thread's
@@ -167,9 +171,14 @@ def interleaved_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, 
         raise TypeError("fns must be a non-empty mapping of names to callables")
     _check_count(repeats, "repeats", 1)
     _check_count(warmup, "warmup", 0)
+    if not isinstance(rotate, bool):
+        raise TypeError(f"rotate must be True or False, got {rotate!r}")
     out: dict[str, dict[str, Any]] = {name: {"wall": [], "cpu": []} for name in fns}
+    names = list(fns)
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
+        shift = round_ % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             if setup is not None:
                 setup(name)
             try:
