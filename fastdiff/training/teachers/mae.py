@@ -26,10 +26,15 @@ tokens below 0.5 are barely more class-laden than the image:
   74.9 / 79.9: worse;
 * ``--keep-blocks 3`` (the first 3 of the 6 trained blocks, :func:`keep_blocks`): **0.489** / 1.52 (sharper), REPA
   ratio 0.60 / 0.66 / 0.72 (seeds 0-2) vs 0.61 / 0.67 / 0.70, last-evaluations FD 80.8 / 80.5 / 89.5 vs
-  74.9 / 79.9 / 76.7: earlier, then worse (HASTE seed 0: 0.57 vs 0.62, FD 79.0 vs 76.0).
+  74.9 / 79.9 / 76.7: earlier, then worse (HASTE seed 0: 0.57 vs 0.62, FD 79.0 vs 76.0). On the testbed's whole
+  4000-step budget (the same runs continued, ``training_speed_teacher_keep_blocks3_4000{,_haste}.json``): REPA
+  0.36 / 0.41 / **0.51** per seed vs 0.38 / 0.42 / 0.43 (mean curve 0.43 vs 0.41), HASTE 0.34 / **0.80** (seeds
+  0 / 1; its gradient-angle stop fired at step 501 on seed 1, never with the shipped teacher) vs 0.38 / 0.38.
 
-Both meet class R^2 < 0.5 and both make REPA worse by the end of the budget, so ``digits_mae`` (0.564 / 1.66)
-stays the shipped teacher: on this testbed a teacher with less class information is a less useful target.
+Both meet class R^2 < 0.5. The norm-pix encoder ended worse at 2000 steps and was not continued; the 3-block cut
+misses REPA's <= 0.5x on seed 2 (by 0.006) and HASTE's <= REPA on seed 1 at 4000 steps, where the shipped teacher
+meets both on all three seeds. So ``digits_mae`` (0.564 / 1.66) stays the shipped teacher: on this testbed a
+teacher with less class information is not a more useful target.
 
 Rebuild the shipped teacher (about 8 minutes on one idle CPU core, 17 on a loaded one)::
 
