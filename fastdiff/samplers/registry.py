@@ -55,8 +55,9 @@ BUILTIN_SAMPLERS: dict[str, BuiltinSampler] = {
     "deis": BuiltinSampler(_D, "DEISMultistepScheduler", "DEIS 3rd order (diffusers)"),
     "accel_ddim": BuiltinSampler(_ACCEL, "few_step_scheduler",
                                  "fastdiff's few-step sampler per step count (v2's eps-in-sigma update below 8 steps; "
-                                 "x0 2nd order in log-SNR + free 3-point corrector at 8-14; x0 3rd order + corrector "
-                                 "from 15, log-SNR grids), 1 eval/step"),
+                                 "x0 2nd order in log-SNR + free 3-point corrector at 8-14, its last step "
+                                 "extrapolating x0 in alpha^2; x0 3rd order + corrector from 15; log-SNR grids), 1 "
+                                 "eval/step"),
     "accel_ddim_v3": BuiltinSampler(_ACCEL, "v3_scheduler",
                                     "fastdiff v3's few-step sampler: x0 linear in log-SNR + free 3-point corrector on "
                                     "a log-SNR-uniform grid from 8 steps, v2's sampler below"),
