@@ -23,7 +23,9 @@ tokens below 0.5 are barely more class-laden than the image:
 * MAE's ``norm_pix_loss`` (``--norm-pix-loss``) at mask ratio 0.75: class R^2 0.556, attention entropy 1.46
   nats (2000 steps); at mask 0.5, 5000 steps: **0.490** / 2.05 (less sharp), REPA steps-to-target ratio
   0.60 / 0.73 (seeds 0 / 1) vs ``digits_mae``'s 0.61 / 0.67, FD of the last 2 evaluations 78.3 / 85.3 vs
-  74.9 / 79.9: worse;
+  74.9 / 79.9: worse. At 4000 steps (``training_speed_teacher_normpix50_4000{,_haste}.json``): REPA 0.38 / 0.45
+  / **0.57** per seed vs 0.38 / 0.42 / 0.43 (mean curve 0.44 vs 0.41), HASTE 0.36 / **0.76** (seeds 0 / 1; the
+  gradient-angle stop fired at step 651 on seed 1) vs 0.38 / 0.38;
 * ``--keep-blocks 3`` (the first 3 of the 6 trained blocks, :func:`keep_blocks`): **0.489** / 1.52 (sharper), REPA
   ratio 0.60 / 0.66 / 0.72 (seeds 0-2) vs 0.61 / 0.67 / 0.70, last-evaluations FD 80.8 / 80.5 / 89.5 vs
   74.9 / 79.9 / 76.7: earlier, then worse (HASTE seed 0: 0.57 vs 0.62, FD 79.0 vs 76.0). On the testbed's whole
@@ -31,10 +33,11 @@ tokens below 0.5 are barely more class-laden than the image:
   0.36 / 0.41 / **0.51** per seed vs 0.38 / 0.42 / 0.43 (mean curve 0.43 vs 0.41), HASTE 0.34 / **0.80** (seeds
   0 / 1; its gradient-angle stop fired at step 501 on seed 1, never with the shipped teacher) vs 0.38 / 0.38.
 
-Both meet class R^2 < 0.5. The norm-pix encoder ended worse at 2000 steps and was not continued; the 3-block cut
-misses REPA's <= 0.5x on seed 2 (by 0.006) and HASTE's <= REPA on seed 1 at 4000 steps, where the shipped teacher
-meets both on all three seeds. So ``digits_mae`` (0.564 / 1.66) stays the shipped teacher: on this testbed a
-teacher with less class information is not a more useful target.
+Both meet class R^2 < 0.5 and both miss the same targets at 4000 steps where the shipped teacher meets them on all
+three seeds: REPA <= 0.5x on seed 2 (norm-pix by 0.07, the 3-block cut by 0.006) and HASTE <= REPA on seed 1 (the
+gradient-angle stop ends HASTE's alignment early with either teacher, at step 651 / 501, never with the shipped
+one). So ``digits_mae`` (0.564 / 1.66) stays the shipped teacher: on this testbed a teacher with less class
+information is not a more useful target.
 
 Rebuild the shipped teacher (about 8 minutes on one idle CPU core, 17 on a loaded one)::
 
