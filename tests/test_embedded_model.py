@@ -117,6 +117,27 @@ def test_encode_and_predict_noise(pipe):
         pipe.predict_noise(x, t, ctx[4:], guidance_scale=2.0)
 
 
+def test_predict_noise_runs_the_denoiser_in_its_own_dtype():
+    """A float64 pipeline given float32 latents: the denoiser runs in float64 (the dtype of the class tokens,
+    which encode_class_labels casts to the denoiser's), the output comes back in the latents' float32."""
+    pipe = load_embedded_pipeline().to(dtype=torch.float64)
+    ctx = pipe.encode_class_labels([3, 7], do_classifier_free_guidance=False)
+    assert ctx.dtype == torch.float64
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = pipe.denoiser.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).dtype), with_kwargs=True)
+    try:
+        out = pipe.predict_noise(x, 500, ctx, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert seen == [torch.float64] and out.dtype == torch.float32
+    with torch.no_grad():
+        reference = pipe.denoiser(x.double(), encoder_hidden_states=ctx, timestep=torch.tensor([500, 500]),
+                                  return_dict=False)[0].float()
+    torch.testing.assert_close(out, reference)
+
+
 @pytest.mark.parametrize(
     "scheduler_cls",
     [
