@@ -6,8 +6,8 @@ trained as a masked autoencoder on the digits train split, labels unused (:mod:`
 ``OMP_NUM_THREADS=1 python -m fastdiff.training.teachers.mae --out fastdiff/training/teachers/digits_mae``).
 Its probe (class R^2 of the tokens, attention entropy; :mod:`.probe`) is stored in its ``config.json``.
 Variants with class R^2 below 0.5 (``--norm-pix-loss --mask-ratio 0.5``; ``--keep-blocks 3``, the trained
-encoder's first 3 blocks, :func:`truncate_teacher`) each missed REPA's and HASTE's speed targets on one seed of
-the unconditional testbed and are not shipped (measured in :mod:`.mae`'s docstring).
+encoder's first 3 blocks, :func:`truncate_teacher`) each missed REPA's speed target on one seed of the
+unconditional testbed and HASTE's on another, and are not shipped (measured in :mod:`.mae`'s docstring).
 
 ``digits_vit`` is the earlier stand-in: a 4-block ViT (patch 2, width 64, 4 heads, no CLS token) on 16x16
 digits, trained with a classification objective on the digits *train* split with random-affine
