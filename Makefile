@@ -5,7 +5,7 @@
 PYTHON ?= python3
 EXTRAS ?= dev
 
-.PHONY: setup compare test lint notebooks
+.PHONY: setup compare test test-oldest lint notebooks
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
@@ -17,6 +17,13 @@ compare: setup
 test: EXTRAS = dev,triton,notebooks
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# The suite again, in the virtualenv $(OLDEST_VENV), against the oldest diffusers / transformers / accelerate
+# pyproject.toml accepts (constraints-oldest.txt): what a user with an older stack gets. CI runs it too.
+OLDEST_VENV ?= .venv-oldest
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints-oldest.txt $(MAKE) test PYTHON=$(CURDIR)/$(OLDEST_VENV)/bin/python
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -194,6 +194,21 @@ class AnisotropicGaussianMixtureDenoiser(GaussianMixtureDenoiser):
         return self.means[k] + torch.einsum("kde,ke->kd", self.rotations[k], z)
 
 
+def ddpm_beta_schedules() -> list[str]:
+    """The ``beta_schedule`` names the installed diffusers' ``DDPMScheduler`` implements (``laplace`` from
+    diffusers 0.37), in a fixed order, so tests cover every schedule of whichever version runs them."""
+    from diffusers import DDPMScheduler
+
+    names = []
+    for name in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"):
+        try:
+            DDPMScheduler(num_train_timesteps=10, beta_schedule=name)
+        except NotImplementedError:
+            continue
+        names.append(name)
+    return names
+
+
 def make_anisotropic_mixture(
     dim: int = 48,
     num_components: int = 5,

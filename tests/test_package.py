@@ -89,3 +89,14 @@ def test_wheel_ships_configs_and_weights_and_finds_configs_by_name(tmp_path):
     bench = subprocess.run([sys.executable, "-m", "fastdiff", "bench"], capture_output=True, text=True, env=env, cwd=cwd)
     assert bench.returncode == 2 and "not part of the installed package" in bench.stderr
     assert "benchmarks/ folder of a fastdiff source checkout" in bench.stderr
+
+
+def test_oldest_constraints_pin_pyprojects_floors():
+    """`constraints-oldest.txt` (`make test-oldest`, run by CI) pins exactly the `>=` floors of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads TOML")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(dep.split(">=") for dep in deps if ">=" in dep)
+    lines = (REPO / "constraints-oldest.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
+    assert {"diffusers", "transformers", "accelerate"} <= set(pins)
+    assert all(floors.get(name) == version for name, version in pins.items()), (pins, floors)

@@ -101,6 +101,8 @@ def test_flow_match_euler(stochastic):
     sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = run_scheduler(sched, model, x, 14, torch.Generator().manual_seed(7))
+    if stochastic and not torch.equal(ref, run_scheduler(sched, model, x, 14, torch.Generator().manual_seed(7))):
+        pytest.skip("this diffusers' FlowMatchEulerDiscreteScheduler draws its noise without the generator")
     ours = run_step_map(sched, model, x, 14, torch.Generator().manual_seed(7))
     assert (ours - ref).pow(2).mean().sqrt() <= 1e-5
 

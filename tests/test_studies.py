@@ -177,3 +177,7 @@ def test_diffusers_cache_changes_the_run_and_is_removed(pipe) -> None:
     with pytest.raises(ValueError, match="name must be one of"):
         with diffusers_cache(pipe, "deepcache"):
             pass
+    with pytest.raises(TypeError, match="config must be one of this diffusers' cache configs"):
+        with diffusers_cache(pipe, lambda timestep: object()):  # not a diffusers cache config
+            pass
+    assert torch.equal(run(), reference) and pipe.transformer._cache_config is None

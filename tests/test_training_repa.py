@@ -130,6 +130,34 @@ def test_hf_dinov2_wrapper_drops_prefix_tokens_and_renormalises():
     torch.testing.assert_close(out.attentions[1].sum(-1), torch.ones(2, 2, 16))
 
 
+@torch.no_grad()
+def test_dinov2_loads_with_sdpa_unless_it_returns_attention_maps(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fastdiff.kernels.targets import teacher_attention_output
+    from fastdiff.training.modeling import load_teacher
+    from fastdiff.training.teachers import load_dinov2_teacher
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          patch_size=2, image_size=8)
+    Dinov2Model(config).save_pretrained(tmp_path)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    maps = load_dinov2_teacher(str(tmp_path), output_attentions=True)
+    assert maps.model.config._attn_implementation == "eager"
+    reference = maps(images)
+    for fast in (load_dinov2_teacher(str(tmp_path)), load_teacher(f"dinov2:{tmp_path}")):
+        assert fast.model.config._attn_implementation == "sdpa"
+        out = fast(images)
+        assert out.attentions == []
+        torch.testing.assert_close(out.tokens, reference.tokens)
+        with teacher_attention_output(fast, "qk"):  # HASTE's target from the projections, equal to the maps
+            qk = fast(images)
+        for got, want in zip(qk.attentions, reference.attentions, strict=True):
+            torch.testing.assert_close(got.dense(), want)
+    assert load_dinov2_teacher(str(tmp_path), attn_implementation="eager").model.config._attn_implementation == "eager"
+
+
 def test_shipped_digits_teacher_loads_and_classifies():
     from fastdiff.data import load_digits
     from fastdiff.training.teachers import load_digits_teacher

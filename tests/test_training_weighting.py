@@ -8,6 +8,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.testing import ddpm_beta_schedules
 from fastdiff.training import WEIGHTINGS, diffusion_loss, loss_weight, min_snr_weight, sample_timesteps
 from fastdiff.training.weighting import sample_unit_times
 
@@ -119,7 +120,7 @@ def test_sample_timesteps_vp_and_flow():
                         min(0.25, GAMMA * 0.25))
 
 
-@pytest.mark.parametrize("beta_schedule", ["laplace", "sigmoid"])
+@pytest.mark.parametrize("beta_schedule", [b for b in ddpm_beta_schedules() if b in ("laplace", "sigmoid")])
 def test_diffusion_loss_with_any_diffusers_beta_schedule(beta_schedule):
     """issue 17 item 14: the weights come from the scheduler's own alphas_cumprod (diffusers' compute_snr)."""
     scheduler = DDPMScheduler(beta_schedule=beta_schedule)

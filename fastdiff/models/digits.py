@@ -20,6 +20,7 @@ pipeline takes it too.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -126,6 +127,15 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
         return tokens.view(-1, self.config.num_tokens, self.config.embed_dim)
 
 
+def _component_types(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
+    """Give ``cls.__init__`` its component classes as annotations instead of strings: this module's
+    ``from __future__ import annotations`` leaves strings, which diffusers < 0.36 skips when it reads the
+    component types in ``from_pretrained`` (a ``KeyError`` naming the component); later versions resolve them."""
+    cls.__init__.__annotations__ = typing.get_type_hints(cls.__init__)
+    return cls
+
+
+@_component_types
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional sampling of 16x16 digits with classifier-free guidance.
 
@@ -340,6 +350,7 @@ class DigitsPipeline(DiffusionPipeline):
         return new
 
 
+@_component_types
 class DigitsUNetPipeline(DigitsPipeline):
     """:class:`DigitsPipeline` with a class-conditional ``UNet2DConditionModel`` as the denoiser.
 

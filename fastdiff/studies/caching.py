@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..caching.engine import invalidate_registry_caches
 from .measure import denoiser_of
 
 DIFFUSERS_CACHES = ("pab", "fastercache", "firstblockcache")
@@ -81,34 +82,29 @@ def diffusers_cache_config(name: str, timestep: Any) -> Any:
     raise ValueError(f"name must be one of {DIFFUSERS_CACHES}, got {name!r}")
 
 
+_CACHE_HOOKS = (("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast"),
+                ("FasterCacheConfig", "apply_faster_cache"), ("FirstBlockCacheConfig", "apply_first_block_cache"),
+                ("TaylorSeerCacheConfig", "apply_taylorseer_cache"), ("MagCacheConfig", "apply_mag_cache"))
+
+
 def _enable(model: torch.nn.Module, config: Any) -> None:
     """``CacheMixin.enable_cache``, also for a model that does not subclass ``CacheMixin`` (PixArt in 0.42)."""
-    from diffusers import (
-        FasterCacheConfig,
-        FirstBlockCacheConfig,
-        MagCacheConfig,
-        PyramidAttentionBroadcastConfig,
-        TaylorSeerCacheConfig,
-    )
-    from diffusers.hooks import (
-        HookRegistry,
-        apply_faster_cache,
-        apply_first_block_cache,
-        apply_mag_cache,
-        apply_pyramid_attention_broadcast,
-        apply_taylorseer_cache,
-    )
+    import diffusers
+    from diffusers import hooks
     from diffusers.models.cache_utils import CacheMixin
 
     if isinstance(model, CacheMixin):
         model.enable_cache(config)
         return
-    apply = {PyramidAttentionBroadcastConfig: apply_pyramid_attention_broadcast, FasterCacheConfig: apply_faster_cache,
-             FirstBlockCacheConfig: apply_first_block_cache, TaylorSeerCacheConfig: apply_taylorseer_cache,
-             MagCacheConfig: apply_mag_cache}[type(config)]
+    # each config with its hook, where the installed diffusers has it (TaylorSeer from 0.36, MagCache from 0.37)
+    hook_of = {getattr(diffusers, c): getattr(hooks, f) for c, f in _CACHE_HOOKS if hasattr(diffusers, c)}
+    if type(config) not in hook_of:
+        raise TypeError(f"config must be one of this diffusers' cache configs {[c.__name__ for c in hook_of]}, "
+                        f"got {type(config).__name__}")
+    apply = hook_of[type(config)]
     model._cache_config = config  # what CacheMixin.disable_cache reads; set first: a failing apply is undone too
     apply(model, config)
-    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    invalidate_registry_caches(model)
 
 
 @contextmanager

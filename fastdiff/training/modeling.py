@@ -166,8 +166,8 @@ def load_teacher(name: str, device: torch.device | str = "cpu") -> nn.Module:
     ``dinov2:<hub id or path>``."""
     from fastdiff.training.teachers import load_digits_teacher, load_dinov2_teacher
 
-    if name.startswith("dinov2:"):
-        return load_dinov2_teacher(name.split(":", 1)[1], output_attentions=True, device=device)
+    if name.startswith("dinov2:"):  # training reads HASTE's target as queries and keys ("qk"): SDPA, no maps
+        return load_dinov2_teacher(name.split(":", 1)[1], device=device)
     return load_digits_teacher(_teacher_dir(name), device=device)
 
 

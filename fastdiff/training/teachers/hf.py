@@ -91,8 +91,12 @@ class HFViTTeacher(nn.Module):
 
 def load_dinov2_teacher(name_or_path: str = "facebook/dinov2-base", output_attentions: bool = False,
                         device: str | torch.device = "cpu", **from_pretrained_kwargs) -> HFViTTeacher:
-    """DINOv2 through ``transformers.AutoModel`` (eager attention, so attention maps can be returned)."""
+    """DINOv2 through ``transformers.AutoModel``. With ``output_attentions`` (attention maps returned, the
+    ``"probs"`` HASTE target) the model runs eager attention, which forms them; otherwise SDPA, which forms no
+    ``N x N`` tensor (REPA's tokens, and HASTE's ``"qk"`` target, read from the query / key projections). An
+    ``attn_implementation`` in ``from_pretrained_kwargs`` overrides either."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(name_or_path, attn_implementation="eager", **from_pretrained_kwargs)
+    from_pretrained_kwargs.setdefault("attn_implementation", "eager" if output_attentions else "sdpa")
+    model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
     return HFViTTeacher(model, output_attentions=output_attentions).to(device)
