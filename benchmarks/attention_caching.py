@@ -561,17 +561,18 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
     times = interleaved_seconds(fns, repeats=repeats, warmup=1,
                                 setup=lambda name: undo.__setitem__(name, bench.enabled(by_name[name])),
                                 teardown=lambda name: undo.pop(name)())
-    macs = {}  # recounted with the current counter (CPU attention included), so MACs and time match
+    macs, kept = {}, {}  # recounted with the current counter (CPU attention included), so MACs and time match
     for c in configs:
         disable = bench.enabled(c)
         try:
             macs[c.name] = count_macs(lambda c=c: bench.sample(c, 1), bench.pipe.denoiser)
+            kept[c.name] = kept_megabytes(lambda c=c: bench.sample(c, 1))
         finally:
             disable()
     ref = times["uncached"]
     rows = {}
     for name, t in times.items():
-        rows[name] = {"macs_saved": reduction(macs[name], macs["uncached"]),
+        rows[name] = {"macs_saved": reduction(macs[name], macs["uncached"]), "kept_mb_per_image": kept[name],
                       "wall_s": round(t["wall_median"], 4), "cpu_s": round(t["cpu_median"], 4),
                       "wall_saved": reduction(t["wall_median"], ref["wall_median"]),
                       "cpu_saved": reduction(t["cpu_median"], ref["cpu_median"]),
@@ -588,7 +589,34 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
                       "wall: time.perf_counter, cpu: time.thread_time of the sampling thread; wall_saved_range: "
                       "the slowest and fastest round against the uncached median; wall_saved_per_round: each round "
                       "against that round's uncached run; macs_saved: recounted here (1 image + CFG, "
-                      "fastdiff.studies.measure.count_macs, CPU attention included)", "runs": rows}
+                      "fastdiff.studies.measure.count_macs, CPU attention included); kept_mb_per_image: the peak "
+                      "MB of values fastdiff's feature cache keeps during a 1-image run (null: none kept)",
+            "runs": rows}
+
+
+def kept_megabytes(sample: Callable[[], Any]) -> float | None:
+    """Peak megabytes of the values fastdiff's feature cache keeps (its per-module histories) during ``sample()``;
+    ``None`` when it keeps none (uncached, TGATE, peers)."""
+    from fastdiff.caching import features
+    from fastdiff.caching.engine import tensors_of
+
+    histories: dict[int, Any] = {}
+    peak = [0]
+    push = features.History.push
+
+    def watched(self, *args):
+        push(self, *args)
+        histories[id(self)] = self
+        total = sum(x.numel() * x.element_size() for h in histories.values() for _, _, v in h.entries
+                    for x in tensors_of(v))
+        peak[0] = max(peak[0], total)
+
+    features.History.push = watched
+    try:
+        sample()
+    finally:
+        features.History.push = push
+    return round(peak[0] / 2**20, 3) if histories else None
 
 
 def deepcache_agreement(pipe: Any, steps: int) -> dict | None:
@@ -688,13 +716,14 @@ def markdown(result: dict) -> str:
             macs = macs_saved_by_name(section)
             lines += ["", f"Front settings timed A/B-interleaved ({wall['num_images']} images, {wall['repeats']} rounds, "
                       f"median, {wall['threads']} thread, load average {wall['load_average']}, {wall['date']}):", "",
-                      "| setting | MACs saved | wall saved | wall saved, rounds | thread-CPU saved | wall s | CPU s |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| setting | MACs saved | wall saved | wall saved, rounds | thread-CPU saved | wall s | CPU s | "
+                      "kept MB / image |", "|---|---|---|---|---|---|---|---|"]
             for name, t in wall["runs"].items():
                 spread = t.get("wall_saved_range")
                 spread = f"{100 * spread[0]:.1f} to {100 * spread[1]:.1f} %" if spread else ""
                 lines.append(f"| {name} | {100 * macs.get(name, 0):.1f} % | {100 * t['wall_saved']:.1f} % | {spread} | "
-                             f"{100 * t['cpu_saved']:.1f} % | {t['wall_s']:.2f} | {t['cpu_s']:.2f} |")
+                             f"{100 * t['cpu_saved']:.1f} % | {t['wall_s']:.2f} | {t['cpu_s']:.2f} | "
+                             f"{t.get('kept_mb_per_image', 'not measured') or '-'} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     grids = (("ddim", 25, 25), ("ddim", 50, 50), ("ddim", 100, 100))
     cases = [(k, s, w, 1) for k, s, w in grids] + [(k, s, w, 8) for k, s, w in (grids if args.full else grids[:1])]
     if args.ddpm:
-        cases += [("ddpm", 1000, 80, 1)]
+        cases += [("ddpm", 1000, 80, 1), ("ddpm", 1000, 80, 8)]
     if args.quick:
         cases = [("ddim", 25, 25, 1), ("ddim", 25, 25, 8)]
     if args.grids is not None:

@@ -280,9 +280,43 @@ def tiny_clip_tokenizer_and_encoder(hidden_size: int = 32, seed: int = 0):
     return tokenizer, CLIPTextModel(config).eval()
 
 
+def tiny_vae():
+    """A random-weight 2-level ``AutoencoderKL`` (4 latent channels, 2x down-sampling), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
+    ).eval()
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A random-weight ``StableDiffusionXLPipeline`` (two CLIP text encoders, a text-time conditioned UNet at 8x8
+    latents, Euler), offline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, text_encoder = tiny_clip_tokenizer_and_encoder(hidden_size=32, seed=seed)
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder.config).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        norm_num_groups=16,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16, block_channels: tuple[int, ...] = (32, 64)):
     """A random-weight ``StableDiffusionPipeline`` (UNet2DCondition + VAE + CLIP) built from configs, offline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer, text_encoder = tiny_clip_tokenizer_and_encoder(seed=seed)
     torch.manual_seed(seed)
@@ -292,13 +326,9 @@ def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16, block_channels: tuple
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
-    )
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        unet=unet.eval(), vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

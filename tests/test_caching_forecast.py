@@ -180,3 +180,47 @@ def test_deep_reuse_forecasting_only_f_cache_equals_forecasting_every_served_mod
         every = sample()
         fastdiff.disable_cache(sd)
         assert torch.equal(fast, every) and (fast - ref).abs().max() > 0, branch
+
+
+@torch.no_grad()
+def test_histories_keep_only_what_their_forecast_reads(monkeypatch):
+    """A module forecast at order k keeps its newest values until each CFG half is held by k + 1 of them (an order-0
+    module keeps one, not six): nothing a forecast reads is dropped, so the samples equal those of a cache keeping six
+    values per module (the earlier rule), with cond-only (guidance residual) steps in between."""
+    from fastdiff.caching import features
+    from fastdiff.caching.engine import Layout
+    from fastdiff.testing import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(sample_size=8)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sample = lambda: sd(["a cat", "a dog"], num_inference_steps=9, guidance_scale=5.0, latents=noise,  # noqa: E731
+                        output_type="latent").images
+    kw = dict(interval=2, cooldown=1, order=2, guidance="residual", guidance_interval=3)
+    held = lambda layouts, rows: sum(rows in features._HOLDS[x] for x in layouts)  # noqa: E731
+    states, pushes, push = [], {}, features.History.push
+
+    def watched(self, *args):
+        push(self, *args)
+        pushes[id(self)] = pushes.get(id(self), 0) + 1
+        states.append((self.order, pushes[id(self)], [layout for _, layout, _ in self.entries]))
+
+    monkeypatch.setattr(features.History, "push", watched)
+    fastdiff.enable_cache(sd, **kw)
+    pruned = sample()
+    fastdiff.disable_cache(sd)
+    assert {order for order, _, _ in states} == {0, 2} and Layout.COND in {x for *_, kept in states for x in kept}
+    for order, pushed, kept in states:
+        enough = lambda ls, k=order + 1: min(held(ls, "uncond"), held(ls, "cond")) >= k  # noqa: E731
+        assert enough(kept) or len(kept) in (pushed, features._HISTORY), kept  # all there is, or the cap
+        assert not enough(kept[:-1]), kept  # the oldest value kept is still needed
+    assert max(len(kept) for order, _, kept in states if order == 0) < features._HISTORY
+
+    def keep_six(self, t, layout, value):  # the earlier rule
+        self.entries.insert(0, (t, layout, value))
+        del self.entries[features._HISTORY:]
+
+    monkeypatch.setattr(features.History, "push", keep_six)
+    fastdiff.enable_cache(sd, **kw)
+    six = sample()
+    fastdiff.disable_cache(sd)
+    assert torch.equal(pruned, six)

@@ -202,6 +202,54 @@ def test_schedules():
     assert cal.changes([900.0, 600.0, 300.0], "features")[1:] == pytest.approx([0.3, 0.6])
 
 
+def _compute_pattern(pipe, call) -> str:
+    """Per denoiser call, ``C`` where the mid block (a served module at branch 0) ran, ``R`` where it was served."""
+    marks = []
+    hooks = [pipe.unet.register_forward_pre_hook(lambda module, args: marks.append("R")),
+             pipe.unet.mid_block.resnets[0].register_forward_hook(lambda module, args, out: marks.__setitem__(-1, "C"))]
+    try:
+        out = call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return "".join(marks), out
+
+
+@torch.no_grad()
+def test_schedule_spans_the_steps_that_run_img2img_and_denoising_end(sd):
+    """The uniform schedule and its cool-down are laid over the steps that run: 5 of 10 at img2img strength 0.5,
+    and SDXL's ``denoising_end=0.5``; every run differs from uncached and disabling restores it bit for bit."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from fastdiff.testing import tiny_sdxl_pipeline
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    sdxl = tiny_sdxl_pipeline()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    calls = {
+        "img2img": (img2img, lambda: img2img("a cat", image=image, strength=0.5, num_inference_steps=10,
+                                             guidance_scale=5.0, output_type="latent",
+                                             generator=torch.Generator().manual_seed(0)).images),
+        "sdxl": (sdxl, lambda: sdxl("a cat", num_inference_steps=10, denoising_end=0.5, guidance_scale=5.0,
+                                    latents=noise, output_type="latent").images),
+    }
+    expected = "".join("C" if c else "R" for c in uniform_schedule(5, 2, cooldown=2))
+    assert expected == "CRCCC"
+    for name, (pipe, call) in calls.items():
+        plain, ref = _compute_pattern(pipe, call)
+        assert plain == "CCCCC", name
+        fastdiff.enable_cache(pipe, interval=2, cooldown=2)
+        try:
+            cached, out = _compute_pattern(pipe, call)
+        finally:
+            fastdiff.disable_cache(pipe)
+        assert cached == expected, (name, cached)
+        assert (out - ref).abs().max() > 0, name
+        assert torch.equal(call(), ref), name
+
+
 def test_parallel_sample_is_refused(sd):
     fastdiff.enable_cache(sd)
     with pytest.raises(ValueError, match="parallel"):

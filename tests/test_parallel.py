@@ -26,6 +26,8 @@ from fastdiff.testing import (
     make_gaussian_mixture,
     tiny_ddpm_pipeline,
     tiny_pixart_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_vae,
 )
 
 SD = SD_SCHEDULER_CONFIG
@@ -283,7 +285,7 @@ def test_pixart_and_ddpm_pipelines():
 
 
 def test_sdxl_pipeline():
-    _same(_tiny_sdxl(), prompt="a cat", num_inference_steps=4, guidance_scale=4.0, parallel={"window": 2})
+    _same(tiny_sdxl_pipeline(), prompt="a cat", num_inference_steps=4, guidance_scale=4.0, parallel={"window": 2})
 
 
 def test_dit_pipeline_doubled_state_and_stochastic_noise():
@@ -341,43 +343,13 @@ def sd_pipe():
     return tiny_sd_pipeline()
 
 
-def _tiny_vae():
-    return d.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
-    ).eval()
-
-
-def _tiny_sdxl():
-    from transformers import CLIPTextModelWithProjection
-
-    from fastdiff.testing import tiny_clip_tokenizer_and_encoder
-
-    tokenizer, text_encoder = tiny_clip_tokenizer_and_encoder(hidden_size=32)
-    torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(text_encoder.config).eval()
-    unet = d.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, cross_attention_dim=64,
-        norm_num_groups=16,
-    ).eval()
-    pipe = d.StableDiffusionXLPipeline(
-        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=d.EulerDiscreteScheduler.from_config(SD),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _tiny_dit():
     torch.manual_seed(0)
     transformer = d.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
         patch_size=2, num_embeds_ada_norm=1000,
     ).eval()
-    pipe = d.DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=d.DDIMScheduler(**SD))
+    pipe = d.DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=d.DDIMScheduler(**SD))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

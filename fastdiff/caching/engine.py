@@ -390,7 +390,9 @@ class Installation:
 
     def _start_pipeline_run(self, t: float | None) -> None:
         """The steps this run will take: the scheduler's timesteps from its ``begin_index`` on, or (schedulers
-        without one, e.g. DDIM) from the first one equal to this call's timestep (img2img, ``strength < 1``)."""
+        without one, e.g. DDIM) from the first one equal to this call's timestep (img2img, ``strength < 1``); no
+        more than the pipeline's own count for this call, ``_num_timesteps``, which diffusers pipelines set before
+        their loop (SDXL's ``denoising_end`` stops the loop early without touching the scheduler)."""
         run, scheduler = self.run, self.scheduler
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is not None:
@@ -399,6 +401,9 @@ class Installation:
             if begin is None:
                 begin = next((i for i, v in enumerate(values) if t is not None and abs(v - t) < 1e-4), 0)
             run.timesteps = values[begin:]
+            looped = getattr(self.pipe, "_num_timesteps", None)
+            if isinstance(looped, int) and not isinstance(looped, bool) and 0 < looped < len(run.timesteps):
+                run.timesteps = run.timesteps[:looped]
             run.num_steps = len(run.timesteps)
         self.planner.start(run)
         run.started = True

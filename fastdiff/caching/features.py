@@ -191,14 +191,31 @@ def forecast_weights(t: float, times: list[float], order: int, forecast: str = "
     return out
 
 
-class History:
-    """The last few values one module produced at full steps, each with its timestep and rows."""
+# which rows a kept value holds, for pruning: PENDING (step 0) becomes BOTH or SINGLE, so it counts for all
+_HOLDS = {Layout.BOTH: ("uncond", "cond"), Layout.COND: ("cond",), Layout.UNCOND: ("uncond",),
+          Layout.SINGLE: ("single",), Layout.PENDING: ("uncond", "cond", "single")}
 
-    def __init__(self) -> None:
+
+class History:
+    """The last few values one module produced at full steps, each with its timestep and rows.
+
+    Only what a forecast of ``order`` can read is kept: the newest values until each CFG half (or the batch
+    without CFG) is held by ``order + 1`` of them, ``_HISTORY`` at most; older ones are dropped, so their memory is
+    freed (an order-0 module keeps one value, not six)."""
+
+    def __init__(self, order: int = MAX_ORDER) -> None:
         self.entries: list[tuple[float | None, Layout, Any]] = []
+        self.order = order
 
     def push(self, t: float | None, layout: Layout, value: Any) -> None:
         self.entries.insert(0, (t, layout, value))
+        held = {"uncond": 0, "cond": 0, "single": 0}
+        for i, (_, kept, _) in enumerate(self.entries[:_HISTORY]):
+            for rows in _HOLDS[kept]:
+                held[rows] += 1
+            if min(held["uncond"], held["cond"]) > self.order or held["single"] > self.order:
+                del self.entries[i + 1:]
+                return
         del self.entries[_HISTORY:]
 
     def load(self, run: Run, want: Layout, order: int, forecast: str = "taylor") -> Any | None:
@@ -273,7 +290,7 @@ class FeatureHook(ModelHook):
         out = self.fn_ref.original_forward(*args, **kwargs)
         if run.layout is not None:  # inside a denoiser call of a run
             run.counts["computed"] += 1
-            run.store.setdefault(self.key, History()).push(run.timestep, run.layout, out)
+            run.store.setdefault(self.key, History(self.order)).push(run.timestep, run.layout, out)
         return out
 
 
@@ -310,7 +327,7 @@ class SpanHook(ModelHook):
         out = self.fn_ref.original_forward(*args, **kwargs)
         run.counts["computed"] += 1
         if self.last:
-            run.store.setdefault(self.key, History()).push(run.timestep, run.layout, out - run.store[span_in])
+            run.store.setdefault(self.key, History(self.order)).push(run.timestep, run.layout, out - run.store[span_in])
         return out
 
 
