@@ -1,5 +1,6 @@
 """fastdiff's cache, part by part: each against a reference path, bit-exact removal, schedulers, pipeline
-features (num_images_per_prompt, callbacks, img2img), parallel sampling refused, schedules and errors."""
+features (num_images_per_prompt, callbacks, img2img, SDXL denoising_end), parallel sampling refused, schedules and
+errors."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
 
 def _component_types(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
     """Give ``cls.__init__`` its component classes as annotations instead of strings: this module's
-    ``from __future__ import annotations`` leaves strings, which diffusers < 0.36 skips when it reads the
+    ``from __future__ import annotations`` leaves strings, which diffusers < 0.37 skips when it reads the
     component types in ``from_pretrained`` (a ``KeyError`` naming the component); later versions resolve them."""
     cls.__init__.__annotations__ = typing.get_type_hints(cls.__init__)
     return cls
