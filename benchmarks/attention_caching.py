@@ -565,8 +565,8 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
     for c in configs:
         disable = bench.enabled(c)
         try:
-            macs[c.name] = count_macs(lambda c=c: bench.sample(c, 1), bench.pipe.denoiser)
-            kept[c.name] = kept_megabytes(lambda c=c: bench.sample(c, 1))
+            macs[c.name], kept[c.name] = kept_megabytes(  # one counted run gives both
+                lambda c=c: count_macs(lambda: bench.sample(c, 1), bench.pipe.denoiser))
         finally:
             disable()
     ref = times["uncached"]
@@ -594,9 +594,9 @@ def wall_times(bench: Bench, names: list[str], num_images: int, repeats: int) ->
             "runs": rows}
 
 
-def kept_megabytes(sample: Callable[[], Any]) -> float | None:
-    """Peak megabytes of the values fastdiff's feature cache keeps (its per-module histories) during ``sample()``;
-    ``None`` when it keeps none (uncached, TGATE, peers)."""
+def kept_megabytes(sample: Callable[[], Any]) -> tuple[Any, float | None]:
+    """``sample()``'s result and the peak megabytes of the values fastdiff's feature cache keeps (its per-module
+    histories) meanwhile; ``None`` when it keeps none (uncached, TGATE, peers)."""
     from fastdiff.caching import features
     from fastdiff.caching.engine import tensors_of
 
@@ -613,10 +613,10 @@ def kept_megabytes(sample: Callable[[], Any]) -> float | None:
 
     features.History.push = watched
     try:
-        sample()
+        out = sample()
     finally:
         features.History.push = push
-    return round(peak[0] / 2**20, 3) if histories else None
+    return out, (round(peak[0] / 2**20, 3) if histories else None)
 
 
 def deepcache_agreement(pipe: Any, steps: int) -> dict | None:

@@ -208,11 +208,7 @@ def _compute_pattern(pipe, call) -> str:
     marks = []
     hooks = [pipe.unet.register_forward_pre_hook(lambda module, args: marks.append("R")),
              pipe.unet.mid_block.resnets[0].register_forward_hook(lambda module, args, out: marks.__setitem__(-1, "C"))]
-    try:
-        out = call()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    out = run_with_hooks(call, hooks)
     return "".join(marks), out
 
 
